@@ -1,0 +1,1 @@
+"""constrained_optim: constrained optimizers for PyTorch."""
