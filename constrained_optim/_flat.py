@@ -1,0 +1,76 @@
+"""Parameters <-> one flat vector.
+
+The optimizers work on ``x ∈ Rⁿ``, the concatenation of every parameter tensor flattened in order.
+This module is the only place that knows about the parameters' shapes.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+class FlatParams:
+    """A fixed list of parameter tensors seen as one vector ``x``.
+
+    Validates once that the parameters can be optimized together: floating point, dense, leaves
+    that require grad, one dtype and one device.
+    """
+
+    def __init__(self, params: Sequence[Tensor]):
+        params = list(params)
+        if not params:
+            raise ValueError("the optimizer got an empty parameter list")
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {i} is a {type(p).__name__}, expected a torch.Tensor")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {i} has dtype {p.dtype}; only real floating dtypes can be optimized")
+            if not p.requires_grad:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) does not require grad")
+            if p.is_sparse:
+                raise TypeError(f"parameter {i} is sparse; constrained optimizers need dense parameters")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; use one dtype")
+        if len(devices) > 1:
+            raise TypeError(f"parameters live on different devices {sorted(map(str, devices))}; use one device")
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.n = sum(self.numels)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+
+    def get(self) -> Tensor:
+        """x: a detached copy of the parameters as one vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+
+    @torch.no_grad()
+    def set(self, x: Tensor) -> None:
+        """Write the vector ``x`` into the parameters (in place, so references stay valid)."""
+        for p, chunk in zip(self.params, x.split(self.numels)):
+            p.copy_(chunk.view_as(p))
+
+    def grad(self) -> Tensor:
+        """The parameters' ``.grad`` as one vector (a missing grad counts as zero)."""
+        chunks = []
+        for p in self.params:
+            if p.grad is None:
+                chunks.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+            elif p.grad.is_sparse:
+                raise TypeError("sparse gradients are not supported; use a dense embedding (sparse=False)")
+            else:
+                chunks.append(p.grad.detach().reshape(-1))
+        return torch.cat(chunks)
+
+    def flatten(self, tensors: Iterable[Tensor | None], batch_shape: tuple[int, ...] = ()) -> Tensor:
+        """Concatenate per-parameter tensors of shape ``batch_shape + p.shape`` into ``batch_shape + (n,)``."""
+        out = []
+        for p, t in zip(self.params, tensors):
+            if t is None:
+                out.append(torch.zeros(*batch_shape, p.numel(), dtype=p.dtype, device=p.device))
+            else:
+                out.append(t.reshape(*batch_shape, p.numel()))
+        return torch.cat(out, dim=-1)

@@ -1,0 +1,204 @@
+"""Function constraints and their evaluation into one canonical form.
+
+A problem's constraints are ``c_I(x) <= 0`` and ``c_E(x) = 0``. Each :class:`Constraint` wraps a
+zero-argument callable returning a tensor of any shape; every element is one scalar constraint. At a
+point, :func:`evaluate` stacks all of them into one vector
+
+    c = [c_I; c_E] ∈ Rᵐ,   m = p + q,
+
+keeping the autograd graph, so that the Jacobian ``J = ∂c/∂x`` (rows are constraint gradients) is
+obtained by one *batched* vector-Jacobian product ``Jᵀ E`` with ``E = I_m``, and ``Jᵀ w`` for a single
+weight vector by one ordinary backward pass.
+
+Folding (``fold="l2"`` or ``"max"``) replaces a constraint tensor by one scalar:
+
+    ineq:  ‖max(c, 0)‖₂ <= 0   ("l2")      max_i c_i <= 0   ("max")
+    eq:    ‖c‖₂ = 0            ("l2")      ‖c‖∞ = 0         ("max")
+
+which keeps the feasible set and turns thousands of rows into one (the folded function is nonsmooth
+where it is zero).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._flat import FlatParams
+
+_KINDS = ("ineq", "eq")
+_FOLDS = (None, "l2", "max")
+
+
+class Constraint:
+    """One named constraint tensor: ``fn() <= 0`` (``kind="ineq"``) or ``fn() == 0`` (``kind="eq"``).
+
+    Args:
+        fn: callable with no arguments returning a tensor of any shape computed from the parameters.
+        kind: ``"ineq"`` or ``"eq"``.
+        name: used in certificates and error messages (default ``"ineq0"``, ``"eq1"``, ... by position).
+        fold: ``None`` (every element is a constraint), ``"l2"`` or ``"max"`` (one scalar, see module doc).
+    """
+
+    def __init__(self, fn: Callable[[], Tensor], kind: str, name: str | None = None, fold: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"constraint fn must be callable with no arguments, got {type(fn).__name__}")
+        if kind not in _KINDS:
+            raise ValueError(f"constraint kind must be 'ineq' or 'eq', got {kind!r}")
+        if fold not in _FOLDS:
+            raise ValueError(f"fold must be None, 'l2' or 'max', got {fold!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"constraint name must be a string, got {type(name).__name__}")
+        self.fn = fn
+        self.kind = kind
+        self.name = name
+        self.fold = fold
+
+    def __repr__(self) -> str:
+        fold = f", fold={self.fold!r}" if self.fold else ""
+        return f"{self.kind}({self.name!r}{fold})"
+
+    def values(self) -> Tensor:
+        """The constraint's scalar rows at the current parameters: ``fn()`` flattened, then folded."""
+        value = self.fn()
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"constraint {self.name!r} returned a {type(value).__name__}; it must return a tensor "
+                "computed from the parameters (so that it can be differentiated)")
+        if not value.is_floating_point():
+            raise TypeError(f"constraint {self.name!r} returned dtype {value.dtype}; expected a floating tensor")
+        return _fold(value.reshape(-1), self.kind, self.fold)
+
+
+def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
+    if fold is None or c.numel() == 0:
+        return c
+    if kind == "ineq":
+        folded = torch.linalg.vector_norm(c.clamp(min=0)) if fold == "l2" else c.max()
+    else:
+        folded = torch.linalg.vector_norm(c, ord=2 if fold == "l2" else float("inf"))
+    return folded.reshape(1)
+
+
+def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None) -> Constraint:
+    """Inequality constraint ``fn() <= 0`` elementwise."""
+    return Constraint(fn, "ineq", name, fold)
+
+
+def eq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None) -> Constraint:
+    """Equality constraint ``fn() == 0`` elementwise."""
+    return Constraint(fn, "eq", name, fold)
+
+
+def canonical(constraints: Sequence[Constraint] | None) -> list[Constraint]:
+    """Validate a user's constraint list; order inequalities first; give every constraint a unique name."""
+    if constraints is None:
+        return []
+    if isinstance(constraints, Constraint):
+        constraints = [constraints]
+    constraints = list(constraints)
+    for i, c in enumerate(constraints):
+        if not isinstance(c, Constraint):
+            raise TypeError(
+                f"constraints[{i}] is a {type(c).__name__}; build constraints with co.ineq(fn) or co.eq(fn)")
+    counts = {"ineq": 0, "eq": 0}
+    named = []
+    for c in constraints:
+        if c.name is None:
+            c = Constraint(c.fn, c.kind, f"{c.kind}{counts[c.kind]}", c.fold)
+        counts[c.kind] += 1
+        named.append(c)
+    names = [c.name for c in named]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"constraint names must be unique; repeated: {duplicates}")
+    return [c for c in named if c.kind == "ineq"] + [c for c in named if c.kind == "eq"]
+
+
+@dataclass
+class ConstraintValues:
+    """All constraints evaluated at one point, with their autograd graph.
+
+    Attributes:
+        c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype.
+        p: number of inequality rows (the first ``p`` entries of ``c``).
+        slices: constraint name -> slice of ``c`` holding its rows.
+    """
+
+    c: Tensor
+    p: int
+    slices: dict[str, slice]
+    _graph: Tensor | None
+    _flat: FlatParams
+
+    @property
+    def m(self) -> int:
+        return self.c.numel()
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """``Jᵀ w`` (n,) by one backward pass; the graph is kept for further products."""
+        if self.m == 0:
+            return torch.zeros(self._flat.n, dtype=self._flat.dtype, device=self._flat.device)
+        grads = torch.autograd.grad(self._graph, self._flat.params, grad_outputs=w.to(self._graph.dtype),
+                                    retain_graph=True, allow_unused=True)
+        return self._flat.flatten(grads)
+
+    def jacobian(self) -> Tensor:
+        """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``).
+
+        Falls back to one backward per row, with a warning, when the user's functions contain an
+        operation that vmap cannot batch.
+        """
+        m, flat = self.m, self._flat
+        if m == 0:
+            return torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)
+        eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)
+        try:
+            grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+        except (RuntimeError, NotImplementedError) as err:
+            warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a "
+                          "time, which is slower", RuntimeWarning, stacklevel=3)
+            return torch.stack([self.vjp(e) for e in eye])
+        return flat.flatten(grads, batch_shape=(m,))
+
+
+def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependence: bool = False) -> ConstraintValues:
+    """Evaluate every constraint at the current parameters (with grad enabled) into ``c = [c_I; c_E]``.
+
+    With ``check_dependence`` each constraint is checked once to depend on the parameters.
+    """
+    rows, slices, start, p = [], {}, 0, 0
+    with torch.enable_grad():
+        for con in constraints:
+            value = con.values()
+            if value.device != flat.device or value.dtype != flat.dtype:
+                raise TypeError(
+                    f"constraint {con.name!r} returned a {value.dtype} tensor on {value.device}, but the "
+                    f"parameters are {flat.dtype} on {flat.device}; compute constraints in the parameters' "
+                    "dtype and device")
+            if check_dependence:
+                _check_dependence(con, value, flat)
+            rows.append(value)
+            slices[con.name] = slice(start, start + value.numel())
+            start += value.numel()
+            if con.kind == "ineq":
+                p = start
+        graph = torch.cat(rows) if rows else None
+    c = graph.detach() if graph is not None else torch.zeros(0, dtype=flat.dtype, device=flat.device)
+    return ConstraintValues(c=c, p=p, slices=slices, _graph=graph, _flat=flat)
+
+
+def _check_dependence(con: Constraint, value: Tensor, flat: FlatParams) -> None:
+    if value.numel() == 0:
+        raise ValueError(f"constraint {con.name!r} returned an empty tensor")
+    if value.requires_grad:
+        grads = torch.autograd.grad(value.sum(), flat.params, retain_graph=True, allow_unused=True)
+        if any(g is not None for g in grads):
+            return
+    raise ValueError(
+        f"constraint {con.name!r} does not depend on the optimized parameters (its value has no autograd "
+        "path to them); a constraint must be computed from the parameters inside fn(), with grad enabled")

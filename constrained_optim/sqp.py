@@ -1,0 +1,394 @@
+"""ConstrainedSQP: BFGS-SQP with penalty steering and a KKT certificate.
+
+One ``step(closure)`` is one outer iteration of (Curtis, Mitchell & Overton 2017)::
+
+    d, μ  ← steered penalty-QP direction at x                      (steering.py, qp.py)
+    t     ← weak Wolfe line search on φ(·; μ) = μ f + v along d     (linesearch.py)
+    x₊    = x + t d
+    H     ← damped BFGS update with s = x₊ − x and the change of the gradient of the
+            Lagrangian μ f + ŷᵀc of the penalty QP (ŷ: its dual solution),
+            y = μ(∇f₊ − ∇f) + (J₊ − J)ᵀŷ                           (hessian.py)
+    certificate at x₊                                              (stationarity.py)
+
+Internally every vector is float64 (``x``, gradients, Jacobians, H), whatever the parameters' dtype;
+parameters keep their own dtype and device.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import stationarity
+from ._flat import FlatParams
+from .certificate import Certificate, Status
+from .constraints import Constraint, ConstraintValues, canonical, evaluate
+from .hessian import LBFGS, DenseBFGS
+from .linesearch import Outcome, weak_wolfe
+from .steering import Steering, violation, violation_weights
+
+_WORK = torch.float64
+_DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables, L-BFGS beyond
+_AUTO_MEMORY = 20
+_SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
+
+
+@dataclass
+class _Point:
+    """f, ∇f, c and (once needed) J at one point x."""
+
+    x: Tensor
+    f: float
+    g: Tensor
+    c: Tensor
+    values: ConstraintValues
+    loss: Tensor
+    J: Tensor | None = None
+
+    def jacobian(self) -> Tensor:
+        if self.J is None:
+            self.J = self.values.jacobian().to(_WORK)
+        return self.J
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.f) and bool(torch.isfinite(self.g).all()) and bool(torch.isfinite(self.c).all())
+
+
+class ConstrainedSQP(torch.optim.Optimizer):
+    r"""Minimize ``f(x)`` subject to ``c_I(x) <= 0`` and ``c_E(x) = 0`` by BFGS-SQP with steering.
+
+    ``step(closure)`` performs one outer iteration; the closure is the ordinary torch.optim closure
+    (zero the grads, compute the loss, ``loss.backward()``, return the loss) and is called as many
+    times as the line search needs. After each step, :attr:`certificate` tells whether the KKT
+    conditions hold (``certificate.converged``) and why the run stopped if it did.
+
+    Args:
+        params: parameters to optimize (one dtype and device).
+        constraints: list of :func:`~constrained_optim.ineq` / :func:`~constrained_optim.eq` constraints.
+        mu0: initial penalty parameter μ on the objective (default 1.0). μ only decreases.
+        memory: ``None`` (default): dense BFGS when the number of variables n <= 4096, otherwise
+            L-BFGS with 20 pairs; an int k > 0: L-BFGS with k pairs (O(k n) memory).
+        tol_opt: stationarity and complementarity tolerance (relative, see :class:`Certificate`).
+            Default ``max(1e-8, 1000 eps)`` of the parameters' dtype (1e-8 for float64, 1.2e-4 for float32).
+        tol_ineq, tol_eq: absolute feasibility tolerances (max violation). Default
+            ``max(1e-8, 100 eps)`` (1e-8 for float64, 1.2e-5 for float32).
+        c_v, c_mu, max_steering: steering constants (0.1, 0.9, 10).
+        c1, c2: sufficient-decrease and curvature constants of the weak Wolfe search (1e-4, 0.5).
+        max_ls_evals: closure calls allowed per line search (50).
+        ngrad: gradients kept for the nonsmooth (gradient-sampling) stationarity test.
+            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables.
+        sample_radius: only iterates within ``sample_radius · max(1, ‖x‖∞)`` of x are sampled. A
+            sampled certificate says that x is within that distance of a point where the gradients
+            nearly cancel (Clarke ε-stationarity), so the default is small: ``max(1e-8, 10 eps)``.
+        damping: BFGS damping θ (1e-4).
+        qp_solver: ``"builtin"`` (default) or ``"qpth"`` (optional package, ``pip install --no-deps qpth``).
+        seed: seed of the generator used for the rare random perturbation off a kink (0).
+    """
+
+    def __init__(self, params: Iterable[Tensor], constraints: Sequence[Constraint] | None = (), *,
+                 mu0: float = 1.0, memory: int | None = None, tol_opt: float | None = None,
+                 tol_ineq: float | None = None, tol_eq: float | None = None, c_v: float = 0.1,
+                 c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
+                 max_ls_evals: int = 50, ngrad: int | None = None, sample_radius: float | None = None,
+                 damping: float = 1e-4, qp_solver: str = "builtin", seed: int = 0):
+        _check_positive("mu0", mu0)
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
+            raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
+        for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
+            if value is not None:
+                _check_positive(name, value)
+        _check_open_interval("c_v", c_v, 0.0, 1.0)
+        _check_open_interval("c_mu", c_mu, 0.0, 1.0)
+        _check_open_interval("c1", c1, 0.0, 1.0)
+        _check_open_interval("c2", c2, c1, 1.0)
+        _check_open_interval("damping", damping, 0.0, 1.0)
+        if sample_radius is not None:
+            _check_positive("sample_radius", sample_radius)
+        for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if ngrad is not None and (isinstance(ngrad, bool) or not isinstance(ngrad, int) or ngrad < 1):
+            raise ValueError(f"ngrad must be None or a positive int, got {ngrad!r}")
+        if qp_solver not in ("builtin", "qpth"):
+            raise ValueError(f"qp_solver must be 'builtin' or 'qpth', got {qp_solver!r}")
+        defaults = dict(mu0=mu0, memory=memory, tol_opt=tol_opt, tol_ineq=tol_ineq, tol_eq=tol_eq, c_v=c_v,
+                        c_mu=c_mu, max_steering=max_steering, c1=c1, c2=c2, max_ls_evals=max_ls_evals,
+                        ngrad=ngrad, sample_radius=sample_radius, damping=damping, qp_solver=qp_solver,
+                        seed=seed)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("ConstrainedSQP optimizes all parameters jointly: pass one parameter group")
+        self._flat = FlatParams(self.param_groups[0]["params"])
+        self._constraints = canonical(constraints)
+        eps = torch.finfo(self._flat.dtype).eps
+        self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 1000 * eps)
+        self._tol_ineq = tol_ineq if tol_ineq is not None else max(1e-8, 100 * eps)
+        self._tol_eq = tol_eq if tol_eq is not None else max(1e-8, 100 * eps)
+        self._radius = sample_radius if sample_radius is not None else max(1e-8, 10 * eps)
+        self._steering = Steering(c_v, c_mu, max_steering, slack=0.1 * min(self._tol_ineq, self._tol_eq),
+                                  backend=qp_solver)
+        n = self._flat.n
+        if memory is None and n > _DENSE_LIMIT:
+            memory = _AUTO_MEMORY
+        self._memory = memory
+        self._ngrad = ngrad if ngrad is not None else min(100, 2 * n, n + 10)
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    # ----------------------------------------------------------------------------------------- state
+    @property
+    def _state(self) -> dict:
+        return self.state[self._flat.params[0]]
+
+    @property
+    def certificate(self) -> Certificate:
+        """The KKT certificate at the current iterate (status IN_PROGRESS before the first step)."""
+        return self._state.get("certificate", Certificate(tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
+                                                          tol_eq=self._tol_eq))
+
+    @property
+    def best_feasible(self) -> dict | None:
+        """``{"x": flat tensor, "f": float, "iteration": int}`` of the lowest objective among feasible iterates."""
+        return self._state.get("best_feasible")
+
+    @property
+    def most_feasible(self) -> dict | None:
+        """``{"x": flat tensor, "violation": float, "iteration": int}`` of the least violating iterate."""
+        return self._state.get("most_feasible")
+
+    @property
+    def nfev(self) -> int:
+        """Closure calls so far."""
+        return self._state.get("nfev", 0)
+
+    def load_point(self, x: Tensor) -> None:
+        """Write a flat point (e.g. ``best_feasible["x"]``) into the parameters; the next step re-evaluates."""
+        self._flat.set(x.to(self._flat.dtype))
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def _evaluate(self, closure: Callable[[], Tensor], x: Tensor) -> _Point:
+        flat = self._flat
+        xp = x.to(flat.dtype)
+        flat.set(xp)
+        x = xp.to(_WORK)  # the point actually evaluated, after rounding to the parameters' dtype
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        st = self._state
+        st["nfev"] = st.get("nfev", 0) + 1
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure returned a {type(loss).__name__}; it must return the loss tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; expected a scalar")
+        if all(p.grad is None for p in flat.params):
+            raise ValueError("after the closure no parameter has a .grad: the closure must call loss.backward() "
+                             "(and the loss must depend on the parameters)")
+        g = flat.grad().to(_WORK)
+        values = evaluate(self._constraints, flat, check_dependence="x" not in st)
+        return _Point(x=x, f=float(loss.detach()), g=g, c=values.c.to(_WORK), values=values,
+                      loss=loss.detach())
+
+    def _grad_phi(self, point: _Point, mu: float) -> Tensor:
+        """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
+        w = violation_weights(point.c, self._state["p"])
+        return mu * point.g + point.jacobian().T @ w
+
+    def _phi(self, point: _Point, mu: float) -> float:
+        return mu * point.f + float(violation(point.c, self._state["p"]))
+
+    # -------------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One outer SQP iteration. Returns the loss at the (new) current point."""
+        if closure is None:
+            raise ValueError("ConstrainedSQP.step needs a closure that computes the loss and calls backward(); "
+                             "see the class docstring (fp16 AMP / GradScaler paths that call step() without a "
+                             "closure are not supported)")
+        st = self._state
+        x_now = self._flat.get().to(_WORK)
+        if "x" not in st or not torch.equal(x_now, st["x"]):
+            self._start(closure, x_now)
+        elif not st["certificate"].status.terminal:
+            self._iterate(closure)
+        self._flat.set(st["x"].to(self._flat.dtype))
+        return st["point"].loss
+
+    def _start(self, closure: Callable[[], Tensor], x: Tensor) -> None:
+        """(Re)start at x: evaluate, build H if needed, certify."""
+        st = self._state
+        point = self._evaluate(closure, x)
+        if not point.finite:
+            raise ValueError(f"the objective, its gradient or a constraint is not finite at the starting point "
+                             f"(f={point.f}); start from a point where everything is finite")
+        point.jacobian()
+        if not bool(torch.isfinite(point.J).all()):
+            raise ValueError("a constraint gradient is not finite at the starting point")
+        first = "x" not in st
+        st["p"] = point.values.p
+        st["x"], st["point"] = x, point
+        if first:
+            st["mu"] = float(self.defaults["mu0"])
+            st["iteration"] = 0
+            n = self._flat.n
+            st["hessian"] = (DenseBFGS(n, _WORK, x.device, self.defaults["damping"]) if self._memory is None
+                             else LBFGS(n, _WORK, x.device, self._memory, self.defaults["damping"]))
+            st["g_ref"] = float(point.g.abs().max()) if point.g.numel() else 0.0
+            st["rescues"] = 0
+            st["expansions"] = 0
+        st["samples"] = deque(maxlen=self._sample_count(point.c.numel()))
+        self._accept_bookkeeping(point, Status.IN_PROGRESS)
+
+    def _sample_count(self, m: int) -> int:
+        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m)))
+
+    def _iterate(self, closure: Callable[[], Tensor]) -> None:
+        st = self._state
+        point, H, p = st["point"], st["hessian"], st["p"]
+        mu_reductions = 0
+        while True:
+            direction = self._steering.direction(point.g, point.c, point.jacobian(), p, H, st["mu"])
+            if not direction.qp_ok and H.updates > 0:
+                H.reset()
+                continue
+            mu = direction.mu
+            d = direction.d if direction.qp_ok else -self._grad_phi(point, mu)
+            gphi = self._grad_phi(point, mu)
+            g0 = float(gphi.dot(d))
+            phi0 = self._phi(point, mu)
+            result = None
+            if g0 < 0 and math.isfinite(g0):
+                result = weak_wolfe(self._trial_evaluator(closure, point.x, d, mu), phi0, g0,
+                                    self.defaults["c1"], self.defaults["c2"], self.defaults["max_ls_evals"])
+            if result is None or result.outcome is Outcome.FAILED:
+                if H.updates > 0:
+                    H.reset()
+                    continue
+                self._stalled(closure, point, direction)
+                return
+            trial = result.trial
+            infeasible_after = self._linf_violation(trial.c)[0] > self._tol_ineq or \
+                self._linf_violation(trial.c)[1] > self._tol_eq
+            if result.outcome is Outcome.EXPANSION_LIMIT and infeasible_after and mu_reductions < 8:
+                st["mu"] = 0.1 * mu       # φ may be unbounded below along d for this μ
+                mu_reductions += 1
+                continue
+            st["mu"] = mu
+            # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
+            y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
+            H.update(trial.x - point.x, mu * (trial.g - point.g) + (trial.jacobian() - point.jacobian()).T @ y_dual)
+            st["iteration"] += 1
+            st["rescues"] = 0
+            st["expansions"] = st["expansions"] + 1 if result.outcome is Outcome.EXPANSION_LIMIT else 0
+            status = Status.UNBOUNDED if st["expansions"] >= 3 and not infeasible_after else Status.IN_PROGRESS
+            self._accept_bookkeeping(trial, status)
+            return
+
+    def _trial_evaluator(self, closure, x: Tensor, d: Tensor, mu: float):
+        def evaluate_at(t: float):
+            trial = self._evaluate(closure, x + t * d)
+            if not trial.finite:
+                return math.inf, lambda: math.nan, trial
+
+            def slope() -> float:
+                J = trial.jacobian()
+                if not bool(torch.isfinite(J).all()):
+                    return math.nan
+                return float(self._grad_phi(trial, mu).dot(d))
+            return self._phi(trial, mu), slope, trial
+        return evaluate_at
+
+    def _stalled(self, closure, point: _Point, direction) -> None:
+        """No decrease along any direction tried: perturb off a possible kink once or twice, else stop."""
+        st = self._state
+        if st["rescues"] < 2:
+            st["rescues"] += 1
+            radius = self._radius * max(1.0, float(point.x.abs().max()))
+            u = torch.randn(point.x.shape, generator=self._generator, dtype=_WORK).to(point.x.device)
+            trial = self._evaluate(closure, point.x + radius * u / u.norm())
+            if trial.finite and bool(torch.isfinite(trial.jacobian()).all()):
+                st["hessian"].reset()
+                st["iteration"] += 1
+                self._accept_bookkeeping(trial, Status.IN_PROGRESS)
+                return
+        self._flat.set(point.x.to(self._flat.dtype))
+        ineq, eq = self._linf_violation(point.c)
+        if ineq <= self._tol_ineq and eq <= self._tol_eq:
+            status = Status.STALLED_FEASIBLE
+        elif direction.predicted_ref <= 1e-12 * max(1.0, float(violation(point.c, st["p"]))):
+            status = Status.INFEASIBLE
+        else:
+            status = Status.STALLED_INFEASIBLE
+        cert = st["certificate"]
+        cert.status = status
+
+    # ------------------------------------------------------------------------- certificate, bookkeeping
+    def _linf_violation(self, c: Tensor) -> tuple[float, float]:
+        p = self._state["p"]
+        ineq = float(c[:p].clamp(min=0).max()) if p else 0.0
+        eq = float(c[p:].abs().max()) if c.numel() > p else 0.0
+        return ineq, eq
+
+    def _accept_bookkeeping(self, point: _Point, status: Status) -> None:
+        st = self._state
+        st["x"], st["point"] = point.x, point
+        J = point.jacobian()
+        st["samples"].append((point.x, point.g, J))
+        cert = self._certify(point)
+        if status is Status.IN_PROGRESS and cert.kkt:
+            status = Status.CONVERGED
+        cert.status = status
+        st["certificate"] = cert
+        violation_inf = cert.violation
+        if cert.feasible and (st.get("best_feasible") is None or point.f < st["best_feasible"]["f"]):
+            st["best_feasible"] = {"x": point.x.clone(), "f": point.f, "iteration": cert.iteration}
+        if st.get("most_feasible") is None or violation_inf < st["most_feasible"]["violation"]:
+            st["most_feasible"] = {"x": point.x.clone(), "violation": violation_inf, "f": point.f,
+                                   "iteration": cert.iteration}
+
+    def _certify(self, point: _Point) -> Certificate:
+        st = self._state
+        p = st["p"]
+        ineq, eq = self._linf_violation(point.c)
+        g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
+                      torch.finfo(_WORK).tiny)
+        J = point.jacobian()
+        backend = self.defaults["qp_solver"]
+        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq, backend)
+        samples = 1
+        if not self._measure_ok(meas) and len(st["samples"]) > 1:
+            radius = self._radius * max(1.0, float(point.x.abs().max()))
+            near = [(g, Js) for x, g, Js in st["samples"] if float((x - point.x).abs().max()) <= radius]
+            if len(near) > 1:
+                # current point first, then the other nearby iterates
+                grads = torch.stack([g for g, _ in near[::-1]])
+                jacs = torch.stack([Js for _, Js in near[::-1]])
+                sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq, backend)
+                if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
+                    meas, samples = sampled, len(near)
+        names = {name: sl for name, sl in point.values.slices.items()}
+        lam = meas.multipliers
+        return Certificate(
+            stationarity=meas.stationarity if meas.solved else math.inf,
+            complementarity=meas.complementarity if meas.solved else math.inf,
+            ineq_violation=ineq, eq_violation=eq, objective=point.f, penalty=st["mu"],
+            multipliers={name: lam[sl].to(self._flat.dtype) for name, sl in names.items()},
+            iteration=st["iteration"], samples=samples, tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
+            tol_eq=self._tol_eq)
+
+    def _measure_ok(self, meas) -> bool:
+        return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_open_interval(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+        raise ValueError(f"{name} must lie in ({low}, {high}), got {value!r}")
+

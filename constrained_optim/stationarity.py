@@ -1,0 +1,106 @@
+"""The stationarity measure of the KKT certificate.
+
+Given gradients of ``f`` and Jacobians of ``c = [c_I; c_E]`` at ``k`` points (``k = 1``: the current
+point; ``k > 1``: nearby iterates, *gradient sampling* for nonsmooth problems), fit multipliers by
+
+    min_{w, λ}  ½ ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖²  +  ½ Σ_j Σ_{i∈I} (κ_i ‖∇c_i‖ λ_{j,i})²
+    s.t.        w ≥ 0,  Σ_j w_j = 1,   λ_{j,I} ≥ 0,
+
+where ``κ_i = -c_i / (-c_i + tol_ineq)`` (0 for active or violated ``c_i``, → 1 for clearly inactive
+ones) charges a multiplier on an inactive constraint as much as the residual it removes, so that
+complementarity is part of the fit. The objective weights sum to one and the multipliers scale with
+``f``: the measures below do not depend on the penalty parameter, on the BFGS matrix or on a positive
+rescaling of ``f`` (or of any constraint):
+
+    stationarity    = ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖∞ / s
+    complementarity = max_{i∈I} κ_i ‖∇c_i‖∞ Σ_j λ_{j,i} / s,        s = max(‖∇f(x)‖∞, g_ref).
+
+Rows are normalized by ``‖∇c_i‖`` and ``∇f`` by ``s`` before the QP so that it is well scaled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .qp import solve_box_qp, solve_qp
+
+
+@dataclass
+class Stationarity:
+    stationarity: float
+    complementarity: float
+    multipliers: Tensor  # (m,) λ = Σ_j λ_j, in the units of f per unit of c
+    solved: bool
+
+
+def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float,
+            backend: str = "builtin") -> Stationarity:
+    """Fit multipliers and measure stationarity and complementarity (see module doc).
+
+    Args:
+        grads: (k, n) objective gradients, row 0 at the current point.
+        jacobians: (k, m, n) constraint Jacobians at the same points.
+        c: (m,) constraint values at the current point, inequalities first.
+        p: number of inequality rows.
+        g_scale: the gradient scale ``s`` (positive).
+        tol_ineq: inequality feasibility tolerance (sets ``κ``).
+    """
+    k, m, n = jacobians.shape
+    dtype, device = grads.dtype, grads.device
+    if m == 0:
+        r = grads[0] / g_scale
+        return Stationarity(float(r.abs().max()) if n else 0.0, 0.0, torch.zeros(0, dtype=dtype, device=device), True)
+    row_norm = torch.linalg.vector_norm(jacobians[0], dim=1)
+    live = row_norm > 0
+    unit = torch.where(live, row_norm, torch.ones_like(row_norm))
+    J = jacobians / unit[:, None]                       # unit rows at the current point
+    g = grads / g_scale
+    kappa = torch.zeros_like(c)
+    kappa[:p] = (-c[:p]).clamp(min=0) / ((-c[:p]).clamp(min=0) + tol_ineq)
+    lower = torch.full((m,), float("-inf"), dtype=dtype, device=device)
+    lower[:p] = 0.0
+    upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))
+    lower = torch.where(live, lower, torch.zeros_like(c))
+    if k == 1:
+        lam_unit, r, solved = _single(g[0], J[0], kappa, lower, upper, backend)
+    else:
+        lam_unit, r, solved = _sampled(g, J, kappa, lower, upper, backend)
+    lam = lam_unit / unit * g_scale
+    col_inf = jacobians[0].abs().amax(dim=1)
+    comp = (kappa * col_inf * lam.abs())[:p]
+    return Stationarity(
+        stationarity=float(r.abs().max()) if n else 0.0,
+        complementarity=float(comp.max() / g_scale) if p else 0.0,
+        multipliers=lam,
+        solved=solved,
+    )
+
+
+def _single(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, backend: str):
+    Q = J @ J.T + torch.diag(kappa * kappa)
+    res = solve_box_qp(Q, J @ g, lower, upper, backend=backend)
+    lam = res.z
+    return lam, g + J.T @ lam, bool(res.solved)
+
+
+def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, backend: str):
+    k, m, n = J.shape
+    C = torch.cat([g.T, J.reshape(k * m, n).T], dim=1)   # (n, k + k m): columns ∇f_j, then rows of J_j
+    penalty = torch.cat([torch.zeros(k, dtype=g.dtype, device=g.device), (kappa * kappa).repeat(k)])
+    Q = C.T @ C + torch.diag(penalty)
+    size = k + k * m
+    lo = torch.cat([torch.zeros(k, dtype=g.dtype, device=g.device), lower.repeat(k)])
+    hi = torch.cat([torch.full((k,), float("inf"), dtype=g.dtype, device=g.device), upper.repeat(k)])
+    eye = torch.eye(size, dtype=g.dtype, device=g.device)
+    has_lo, has_hi = torch.isfinite(lo), torch.isfinite(hi)
+    G = torch.cat([-eye[has_lo], eye[has_hi]])
+    h = torch.cat([-lo[has_lo], hi[has_hi]])
+    A = torch.cat([torch.ones(1, k, dtype=g.dtype, device=g.device),
+                   torch.zeros(1, k * m, dtype=g.dtype, device=g.device)], dim=1)
+    b = torch.ones(1, dtype=g.dtype, device=g.device)
+    res = solve_qp(Q, torch.zeros(size, dtype=g.dtype, device=g.device), G, h, A, b, backend=backend)
+    z = res.z
+    lam = z[k:].reshape(k, m).sum(dim=0)
+    return lam, C @ z, bool(res.solved)

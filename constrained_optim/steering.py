@@ -1,0 +1,107 @@
+"""The penalty QP direction and penalty-parameter steering (Curtis, Mitchell & Overton 2017).
+
+Violation and exact penalty, with ``c = [c_I; c_E]``:
+
+    v(x) = Σ_i max(c_I,i, 0) + Σ_j |c_E,j|,        φ(x; μ) = μ f(x) + v(x).
+
+Direction: the penalty QP ``min_d μ∇fᵀd + ½ dᵀH⁻¹d + v(c + J d)`` is solved through its dual, a box
+QP of size m (never n):
+
+    min_y ½ yᵀ (J H Jᵀ) y + (μ J H ∇f − c)ᵀ y    s.t.  0 ≤ y_I ≤ 1,  −1 ≤ y_E ≤ 1,
+    d(μ) = −H (μ ∇f + Jᵀ y).
+
+Steering, with the predicted violation reduction ``ℓ(d) = v(c) − v(c + J d)``:
+  1. accept d(μ) if ``ℓ(d(μ)) ≥ c_v v(x)``;
+  2. else accept it if ``ℓ(d(μ)) ≥ c_v ℓ(d(0))``;
+  3. else try μ ← c_μ μ, c_μ² μ, ..., c_μ^r μ (r = ``max_reductions``) and then, where the penalty
+     needs a much smaller μ to be exact, c_μ^r μ 10⁻¹, ..., c_μ^r μ 10⁻⁶, taking the first that passes
+     test 2 (the last one if none does).
+All candidate penalties of a stage are solved as one batch of QPs. μ never increases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .qp import solve_box_qp
+
+
+def violation(c: Tensor, p: int) -> Tensor:
+    """``v = Σ max(c_I, 0) + Σ |c_E|`` over the last dimension."""
+    return c[..., :p].clamp(min=0).sum(-1) + c[..., p:].abs().sum(-1)
+
+
+def violation_weights(c: Tensor, p: int) -> Tensor:
+    """``w`` with ``Jᵀw ∈ ∂v``: 1 on violated inequalities, sign(c_E) on equalities, 0 elsewhere."""
+    return torch.cat([(c[:p] > 0).to(c.dtype), torch.sign(c[p:])])
+
+
+@dataclass
+class Direction:
+    d: Tensor             # (n,) search direction
+    mu: float             # penalty parameter it was computed for
+    y: Tensor             # (m,) dual solution (QP multipliers, μ-scaled)
+    predicted: float      # ℓ(d), predicted violation reduction
+    predicted_ref: float  # ℓ(d(0)), the best predicted reduction
+    qp_ok: bool           # every QP used was solved
+
+
+class Steering:
+    """Computes steered directions for one problem; holds the constants of the rule.
+
+    ``slack`` (absolute, a fraction of the feasibility tolerance) is subtracted from the right-hand
+    sides of tests 1 and 2.
+    """
+
+    def __init__(self, c_v: float = 0.1, c_mu: float = 0.9, max_reductions: int = 10, slack: float = 0.0,
+                 qp_tol: float = 1e-10, backend: str = "builtin"):
+        self.c_v, self.c_mu, self.max_reductions, self.slack = c_v, c_mu, max_reductions, slack
+        self.qp_tol, self.backend = qp_tol, backend
+
+    def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
+        """The steered direction at a point with gradient ``g``, constraints ``c`` and Jacobian ``J``."""
+        m = c.numel()
+        if m == 0:
+            d = -H.apply(g) * mu
+            return Direction(d, mu, c.new_zeros(0), 0.0, 0.0, True)
+        HV = H.apply(torch.cat([g[:, None], J.T], dim=1))  # [H∇f, HJᵀ] in one application
+        Hg, HJt = HV[:, 0], HV[:, 1:]
+        M = J @ HJt
+        M = 0.5 * (M + M.T)
+        Jg = J @ Hg
+        lower = torch.cat([c.new_zeros(p), -c.new_ones(m - p)])
+        upper = c.new_ones(m)
+        v = float(violation(c, p))
+
+        def solve(mus: Tensor):
+            res = solve_box_qp(M, mus[:, None] * Jg - c, lower, upper, tol=self.qp_tol, backend=self.backend)
+            Y = res.z.to(c.dtype)
+            JD = -(mus[:, None] * Jg + Y @ M)               # J d for every candidate, (K, m)
+            ell = v - violation(c + JD, p)
+            return Y, ell, res.solved
+
+        # Violations below the feasibility tolerance are QP-accuracy noise: the tests get that much slack
+        # so that μ is not driven to zero near a feasible point (where ℓ(d) >= 0 is asked for).
+        slack = self.slack
+        Y, ell, ok = solve(c.new_tensor([mu, 0.0]))
+        ell_mu, ell_ref = float(ell[0]), float(ell[1])
+        if ell_mu >= self.c_v * v - slack or ell_mu >= self.c_v * ell_ref - slack:
+            return self._make(Hg, HJt, mu, Y[0], ell_mu, ell_ref, bool(ok[0]))
+        mus = self._candidates(mu, c)
+        Yr, ellr, okr = solve(mus)
+        passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
+        i = int(passed[0]) if passed.numel() else mus.numel() - 1
+        return self._make(Hg, HJt, float(mus[i]), Yr[i], float(ellr[i]), ell_ref, bool(okr[i]))
+
+    def _candidates(self, mu: float, c: Tensor) -> Tensor:
+        """μ c_μ^j (j = 1..max_reductions), then μ c_μ^max_reductions 10^-k (k = 1..6)."""
+        j = torch.arange(1, self.max_reductions + 1, dtype=c.dtype, device=c.device)
+        k = torch.arange(1, 7, dtype=c.dtype, device=c.device)
+        last = self.c_mu ** self.max_reductions
+        return mu * torch.cat([self.c_mu ** j, last * 10.0 ** -k])
+
+    @staticmethod
+    def _make(Hg, HJt, mu, y, ell, ell_ref, ok) -> Direction:
+        return Direction(-(mu * Hg + HJt @ y), mu, y, ell, ell_ref, ok)

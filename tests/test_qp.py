@@ -1,0 +1,338 @@
+"""Tests for constrained_optim.qp: KKT accuracy, exact oracles, batching, statuses, validation."""
+
+import importlib.util
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrained_optim.qp import QPResult, QPStatus, solve_box_qp, solve_qp
+
+F64 = torch.float64
+FAST = settings(max_examples=15, deadline=None)
+
+
+def objective(Q, p, z):
+    return 0.5 * z @ Q @ z + p @ z
+
+
+def random_psd(rng, n, rank, scales=None):
+    J = rng.standard_normal((n, rank))
+    Q = J @ J.T
+    if scales is not None:
+        Q = scales[:, None] * Q * scales[None, :]
+    return Q
+
+
+def box_oracle(Q, p, lo, up):
+    """Exact minimum by enumerating, per variable, {at lower, at upper, free} (n <= 5)."""
+    n = len(p)
+    best = np.inf
+    for choice in itertools.product(range(3), repeat=n):
+        fixed = np.array([c < 2 for c in choice])
+        if any(c == 0 and not np.isfinite(lo[i]) or c == 1 and not np.isfinite(up[i]) for i, c in enumerate(choice)):
+            continue
+        z = np.where(np.array(choice) == 0, lo, np.where(np.array(choice) == 1, up, 0.0))
+        z = np.where(fixed, z, 0.0)
+        free = ~fixed
+        if free.any():
+            rhs = -(p[free] + Q[np.ix_(free, fixed)] @ z[fixed])
+            sol = np.linalg.lstsq(Q[np.ix_(free, free)], rhs, rcond=None)[0]
+            if np.abs(Q[np.ix_(free, free)] @ sol - rhs).max() > 1e-9 * (1 + np.abs(rhs).max()):
+                continue
+            z[free] = sol
+        if (z < lo - 1e-9).any() or (z > up + 1e-9).any():
+            continue
+        g = Q @ z + p
+        at_lo = np.array([c == 0 for c in choice])
+        at_up = np.array([c == 1 for c in choice])
+        if (g[at_lo] < -1e-9).any() or (g[at_up] > 1e-9).any():
+            continue
+        best = min(best, objective(Q, p, z))
+    return best
+
+
+@st.composite
+def box_problems(draw, max_n=5):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    n = draw(st.integers(1, max_n))
+    rank = draw(st.integers(0, n))
+    scaled = draw(st.booleans())
+    scales = 10.0 ** rng.uniform(-4, 4, n) if scaled else None
+    Q = random_psd(rng, n, rank, scales)
+    kind = rng.integers(0, 3, n)  # 0: [0,1] / [-1, 1], 1: [0, inf), 2: free
+    lo = np.where(kind == 2, -np.inf, np.where(rng.random(n) < 0.5, 0.0, -1.0))
+    up = np.where(kind == 0, 1.0, np.inf)
+    if scales is not None:
+        lo, up = lo / scales, up / scales
+    # variables with an infinite bound need curvature there to keep the problem bounded
+    Q = Q + np.diag(np.where(kind > 0, 1.0 if scales is None else scales**2, 0.0))
+    p = rng.standard_normal(n) * (1.0 if scales is None else scales)
+    return Q, p, lo, up
+
+
+def assert_box_matches_oracle(Q, p, lo, up, dtype=F64):
+    r = solve_box_qp(*(torch.tensor(x, dtype=dtype) for x in (Q, p, lo, up)))
+    assert r.status.item() == QPStatus.SOLVED
+    z = r.z.double().numpy()
+    ref = box_oracle(Q, p, lo, up)
+    assert abs(objective(Q, p, z) - ref) <= 1e-8 * (1 + abs(ref))
+    return r
+
+
+@FAST
+@given(box_problems())
+def test_box_qp_matches_enumeration_oracle(problem):
+    r = assert_box_matches_oracle(*problem)
+    assert r.residual.item() <= 1e-9
+
+
+@st.composite
+def constructed_qps(draw, max_n=12):
+    """QPs with a known solution: pick z*, an active set, multipliers (some zero: degenerate), then p."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    n = draw(st.integers(1, max_n))
+    m = draw(st.integers(0, 2 * n))
+    k = draw(st.integers(0, max(0, n - 1)))
+    rank = draw(st.integers(0, n))
+    Q = random_psd(rng, n, rank)
+    G, A = rng.standard_normal((m, n)), rng.standard_normal((k, n))
+    z = rng.standard_normal(n)
+    active = rng.random(m) < 0.5
+    h = G @ z + np.where(active, 0.0, rng.random(m) + 0.1)
+    lam = np.where(active & (rng.random(m) < 0.7), rng.random(m), 0.0)
+    nu = rng.standard_normal(k)
+    p = -(Q @ z + G.T @ lam + A.T @ nu)
+    return Q, p, G, h, A, A @ z, z
+
+
+@FAST
+@given(constructed_qps())
+def test_general_qp_known_solution(problem):
+    Q, p, G, h, A, b, z_star = problem
+    r = solve_qp(*(torch.tensor(x) for x in (Q, p, G, h, A, b)))
+    assert r.status.item() == QPStatus.SOLVED, r
+    assert r.residual.item() <= 1e-9
+    ref = objective(Q, p, z_star)
+    assert abs(objective(Q, p, r.z.numpy()) - ref) <= 1e-8 * (1 + abs(ref) + np.abs(p).max())
+    assert (r.lam >= 0).all()
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.sampled_from([torch.float32, torch.float64]))
+def test_box_known_solution_batched(seed, n, dtype):
+    rng = np.random.default_rng(seed)
+    B = 3
+    Q = np.stack([random_psd(rng, n, rng.integers(0, n + 1)) for _ in range(B)])
+    if dtype == torch.float32:  # rounding p would make a singular problem with free variables unbounded
+        Q = Q + np.eye(n)
+    lo, up = np.zeros((B, n)), np.ones((B, n))
+    up[:, : n // 3] = np.inf
+    lo[:, : n // 5] = -np.inf
+    z = np.clip(rng.standard_normal((B, n)), lo, up)
+    at = rng.random((B, n)) < 0.5
+    z = np.where(at & np.isfinite(lo), lo, z)
+    mul = np.where(at & np.isfinite(lo) & (rng.random((B, n)) < 0.7), rng.random((B, n)), 0.0)
+    p = -(np.einsum("bij,bj->bi", Q, z) - mul)
+    Qt, pt, lot, upt = (torch.tensor(x).to(dtype) for x in (Q, p, lo, up))
+    r = solve_box_qp(Qt, pt, lot, upt)
+    assert r.z.dtype == dtype and r.residual.dtype == F64
+    assert r.solved.all()
+    assert (r.residual <= 1e-9).all()
+    Qd, pd = Qt.double().numpy(), pt.double().numpy()
+    for i in range(B):
+        ref = objective(Qd[i], pd[i], z[i])
+        got = objective(Qd[i], pd[i], r.z[i].double().numpy())
+        assert got <= ref + (1e-8 if dtype == F64 else 1e-4) * (1 + abs(ref) + np.abs(pd[i]).sum())
+
+
+def test_float32_is_float64_answer_rounded():
+    rng = np.random.default_rng(1)
+    Q = torch.tensor(random_psd(rng, 6, 6) + np.eye(6), dtype=torch.float32)
+    p = torch.tensor(rng.standard_normal((4, 6)), dtype=torch.float32)
+    r32 = solve_box_qp(Q, p, 0.0, 1.0)
+    r64 = solve_box_qp(Q.double(), p.double(), 0.0, 1.0)
+    assert r32.z.dtype == torch.float32 and r32.lam.dtype == torch.float32
+    assert torch.equal(r32.z, r64.z.float())
+    G = torch.cat([torch.eye(6), -torch.eye(6)])
+    h = torch.ones(12)
+    g32 = solve_qp(Q, p, G, h)
+    g64 = solve_qp(Q.double(), p.double(), G.double(), h.double())
+    torch.testing.assert_close(g32.z, g64.z.float(), rtol=2e-7, atol=2e-7)
+
+
+def test_broadcast_shared_Q_matches_per_problem():
+    rng = np.random.default_rng(2)
+    Q = torch.tensor(random_psd(rng, 5, 3))
+    p = torch.tensor(rng.standard_normal((2, 3, 5)))
+    r = solve_box_qp(Q, p, -1.0, torch.ones(5))
+    assert r.z.shape == (2, 3, 5) and r.lam.shape == (2, 3, 10) and r.status.shape == (2, 3)
+    for i, j in itertools.product(range(2), range(3)):
+        one = solve_box_qp(Q, p[i, j], -1.0, 1.0)
+        assert abs(objective(Q, p[i, j], one.z) - objective(Q, p[i, j], r.z[i, j])) < 1e-10
+
+
+@pytest.mark.xfail(reason="known gap: 1e8/1e-8-scaled singular M with m=40 ends at residual ~6e-9 (PDAS cycles, IPM+polish stalls)", strict=False)
+def test_sqp_dual_badly_scaled_singular():
+    rng = np.random.default_rng(3)
+    for m in (1, 3, 10, 40):
+        J = rng.standard_normal((m, max(1, m // 2)))
+        J[:, 0] *= 1e4
+        J[0] *= 1e-4
+        M = torch.tensor(np.stack([J @ J.T, J @ J.T * 1e-8]))
+        q = torch.tensor(rng.standard_normal((2, m)))
+        lo = torch.zeros(m, dtype=F64)
+        lo[: m // 2] = -1.0
+        r = solve_box_qp(M, q, lo, 1.0)
+        assert r.solved.all() and (r.residual <= 1e-9).all()
+
+
+def test_infinite_bounds_mixes():
+    rng = np.random.default_rng(4)
+    n = 8
+    J = rng.standard_normal((n, 4))
+    Q = torch.tensor(J @ J.T + np.diag(rng.random(n) ** 2 + 0.1))
+    p = torch.tensor(rng.standard_normal(n))
+    lo = torch.tensor([0.0, 0.0, 0.0, 0.0, -np.inf, -np.inf, -np.inf, -np.inf])
+    r = solve_box_qp(Q, p, lo, torch.inf)
+    assert r.solved and r.residual <= 1e-9
+    assert (r.z[:4] >= 0).all() and (r.lam[4:8] == 0).all() and (r.lam[8:] == 0).all()
+    g = Q @ r.z + p
+    torch.testing.assert_close(g[4:], torch.zeros(4, dtype=F64), atol=1e-10, rtol=0)
+    r = solve_box_qp(Q, p, -torch.inf, torch.inf)  # unconstrained
+    torch.testing.assert_close(r.z, torch.linalg.solve(Q, -p))
+
+
+def test_simplex_gram_matrix():
+    rng = np.random.default_rng(5)
+    n = 120
+    Gm = rng.standard_normal((6, n))
+    Q = torch.tensor(Gm.T @ Gm)  # rank 6
+    p = torch.zeros(n, dtype=F64)
+    r = solve_qp(Q, p, -torch.eye(n, dtype=F64), torch.zeros(n, dtype=F64), torch.ones(1, n, dtype=F64), torch.ones(1, dtype=F64))
+    assert r.solved and r.residual <= 1e-9
+    assert abs(r.z.sum() - 1) < 1e-12 and (r.z >= -1e-12).all()
+    # nonnegative least-squares cross-check of the min-norm point of the convex hull (scipy nnls on
+    # the augmented system ||Gm w||^2 + big (sum w - 1)^2)
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    big = 1e4
+    w, _ = scipy_opt.nnls(np.vstack([Gm, big * np.ones((1, n))]), np.r_[np.zeros(6), big])
+    assert objective(Q.numpy(), p.numpy(), r.z.numpy()) <= objective(Q.numpy(), p.numpy(), w / w.sum()) + 1e-8
+
+
+def test_infeasible_problems():
+    Q = torch.eye(2, dtype=F64).expand(3, 2, 2)
+    p = torch.zeros(3, 2, dtype=F64)
+    lo = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], dtype=F64)
+    r = solve_box_qp(Q, p, lo, 1.0)
+    assert r.status.tolist() == [QPStatus.SOLVED, QPStatus.INFEASIBLE, QPStatus.SOLVED]
+    assert r.z.isfinite().all()
+    # contradictory inequalities (z1 <= 0, z1 >= 1) and contradictory equalities
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=F64)
+    h = torch.tensor([[0.0, -1.0], [0.0, 1.0], [0.0, 1.0]], dtype=F64)
+    r = solve_qp(Q, p, G, h)
+    assert r.status.tolist() == [QPStatus.INFEASIBLE, QPStatus.SOLVED, QPStatus.SOLVED]
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    b = torch.tensor([[1.0, 2.0], [1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    r = solve_qp(Q, p, A=A, b=b)
+    assert r.status.tolist() == [QPStatus.INFEASIBLE, QPStatus.SOLVED, QPStatus.SOLVED]
+    torch.testing.assert_close(r.z[1], torch.tensor([0.5, 0.5], dtype=F64))
+
+
+def test_nan_and_singular_elements_do_not_affect_others():
+    rng = np.random.default_rng(6)
+    m = 6
+    J = rng.standard_normal((4, m, m))
+    M = torch.tensor(J @ J.transpose(0, 2, 1))
+    M[2] = 0.0  # singular (zero) matrix: an LP over the box
+    q = torch.tensor(rng.standard_normal((4, m)))
+    alone = [solve_box_qp(M[i], q[i], 0.0, 1.0) for i in range(4)]
+    M[1, 0, 0] = torch.nan
+    r = solve_box_qp(M, q, 0.0, 1.0)
+    assert r.status[1] == QPStatus.NUMERICAL
+    assert r.z.isfinite().all() and r.lam.isfinite().all()
+    for i in (0, 2, 3):
+        assert r.status[i] == QPStatus.SOLVED
+        torch.testing.assert_close(r.z[i], alone[i].z, atol=1e-12, rtol=0)
+    G = torch.tensor(rng.standard_normal((4, 3, m)))
+    G[3, 1, 2] = torch.inf
+    g = solve_qp(M, q, G, torch.ones(4, 3, dtype=F64))
+    assert g.status[3] == QPStatus.NUMERICAL and g.z.isfinite().all()
+    assert g.solved[0]  # element 2 is an unbounded LP (Q = 0, 3 rows in R^6)
+    assert not g.solved[2]
+
+
+def test_warm_start():
+    rng = np.random.default_rng(7)
+    m = 30
+    J = rng.standard_normal((8, m, m))
+    M = torch.tensor(J @ J.transpose(0, 2, 1))
+    q = torch.tensor(rng.standard_normal((8, m)))
+    cold = solve_box_qp(M, q, 0.0, 1.0)
+    warm = solve_box_qp(M, q + 1e-6, 0.0, 1.0, warm_start=cold)
+    assert warm.solved.all() and (warm.iterations <= cold.iterations).all()
+    assert (warm.iterations == 1).all()
+    G = torch.tensor(rng.standard_normal((10, m)))
+    cold = solve_qp(M, q, G, torch.ones(10, dtype=F64))
+    warm = solve_qp(M, q, G, torch.ones(10, dtype=F64), warm_start=cold)
+    assert warm.solved.all() and (warm.iterations == 0).all()
+    torch.testing.assert_close(warm.z, cold.z, atol=1e-9, rtol=0)
+
+
+def test_result_structure_and_unconstrained():
+    Q = torch.eye(3, dtype=F64) * 2
+    p = torch.tensor([2.0, -4.0, 0.0], dtype=F64)
+    r = solve_qp(Q, p)
+    assert isinstance(r, QPResult)
+    torch.testing.assert_close(r.z, torch.tensor([-1.0, 2.0, 0.0], dtype=F64))
+    assert r.lam.shape == (0,) and r.nu.shape == (0,) and r.status.dtype == torch.int64
+    assert r.iterations.dtype == torch.int64 and r.solved.dtype == torch.bool
+
+
+def test_validation_errors():
+    Q, p = torch.eye(2), torch.zeros(2)
+    with pytest.raises(TypeError):
+        solve_qp(Q.long(), p)
+    with pytest.raises(TypeError):
+        solve_box_qp(Q, [0.0, 0.0], 0.0, 1.0)
+    with pytest.raises(ValueError):
+        solve_qp(torch.eye(3), p)
+    with pytest.raises(ValueError):
+        solve_qp(Q, p, G=torch.ones(1, 3), h=torch.ones(1))
+    with pytest.raises(ValueError):
+        solve_qp(Q, p, G=torch.ones(1, 2))
+    with pytest.raises(ValueError):
+        solve_box_qp(Q, torch.zeros(3, 2), torch.zeros(2, 2), 1.0)
+    with pytest.raises(ValueError):
+        solve_box_qp(Q, p, torch.zeros(3), 1.0)
+    with pytest.raises(ValueError):
+        solve_qp(Q, p.to("meta"))
+    with pytest.raises(ValueError):
+        solve_qp(Q, p, backend="nope")
+
+
+def test_qpth_backend_matches_builtin():
+    # pytest.importorskip("qpth") would fail without cvxpy (qpth imports it at load time); the
+    # adapter imports qpth without cvxpy, so only skip when qpth itself is missing
+    if importlib.util.find_spec("qpth") is None:
+        pytest.skip("qpth not installed")
+    rng = np.random.default_rng(8)
+    m = 6
+    J = rng.standard_normal((4, m, m + 2))
+    M = torch.tensor(J @ J.transpose(0, 2, 1))
+    q = torch.tensor(rng.standard_normal((4, m)))
+    lo = torch.zeros(4, m, dtype=F64)
+    lo[1, :2] = -torch.inf
+    ours = solve_box_qp(M, q, lo, 1.0)
+    theirs = solve_box_qp(M, q, lo, 1.0, backend="qpth")
+    assert theirs.lam.shape == ours.lam.shape
+    torch.testing.assert_close(theirs.z, ours.z, atol=1e-6, rtol=0)
+    G = torch.tensor(rng.standard_normal((3, m)))
+    ours = solve_qp(M, q, G, torch.ones(3, dtype=F64))
+    theirs = solve_qp(M, q, G, torch.ones(3, dtype=F64), backend="qpth")
+    torch.testing.assert_close(theirs.z, ours.z, atol=1e-6, rtol=0)
