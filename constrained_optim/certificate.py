@@ -57,7 +57,8 @@ class Certificate:
     * ``stationarity`` = ‖∇f + J_Iᵀλ_I + J_Eᵀλ_E‖∞ / s, with ``s = max(‖∇f(x)‖∞, ‖∇f(x₀)‖∞)`` and
       multipliers ``λ`` (λ_I >= 0) fitted to the gradients (sampled gradients for nonsmooth problems),
     * ``complementarity`` = max_i λ_i ‖∇c_i‖∞ κ_i / s over inequalities, where κ_i ∈ [0, 1) measures
-      how clearly c_i is inactive (κ_i = -c_i / (-c_i + tol_ineq) for c_i < 0, else 0),
+      how clearly c_i is inactive (κ_i = σ_i / (σ_i + tol_ineq), σ_i = max(0, −c_i − tol_ineq): constraints
+      within tol_ineq of their bound count as active),
     * ``ineq_violation`` = max_i max(c_I,i, 0) and ``eq_violation`` = max_j |c_E,j| (absolute).
     """
 

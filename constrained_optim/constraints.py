@@ -76,10 +76,14 @@ class Constraint:
 def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
     if fold is None or c.numel() == 0:
         return c
-    if kind == "ineq":
-        folded = torch.linalg.vector_norm(c.clamp(min=0)) if fold == "l2" else c.max()
+    if fold == "max":
+        folded = c.max() if kind == "ineq" else c.abs().max()
     else:
-        folded = torch.linalg.vector_norm(c, ord=2 if fold == "l2" else float("inf"))
+        r = c.clamp(min=0) if kind == "ineq" else c
+        # ‖r‖₂ = s ‖r / s‖₂ with s = ‖r‖∞: squaring tiny violations must not underflow to "feasible"
+        scale = r.detach().abs().max()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        folded = scale * torch.linalg.vector_norm(r / scale)
     return folded.reshape(1)
 
 

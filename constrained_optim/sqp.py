@@ -28,10 +28,13 @@ from ._flat import FlatParams
 from .certificate import Certificate, Status
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .hessian import LBFGS, DenseBFGS
-from .linesearch import Outcome, weak_wolfe
+from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .steering import Steering, violation, violation_weights
 
 _WORK = torch.float64
+_EPS = torch.finfo(_WORK).eps
+_CORRECTIONS = 3             # second-order corrections tried at the full step (J kept fixed)
+_RESCUES = 3                 # random perturbations off a kink allowed per run
 _DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables, L-BFGS beyond
 _AUTO_MEMORY = 20
 _SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
@@ -74,7 +77,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
         memory: ``None`` (default): dense BFGS when the number of variables n <= 4096, otherwise
             L-BFGS with 20 pairs; an int k > 0: L-BFGS with k pairs (O(k n) memory).
         tol_opt: stationarity and complementarity tolerance (relative, see :class:`Certificate`).
-            Default ``max(1e-8, 1000 eps)`` of the parameters' dtype (1e-8 for float64, 1.2e-4 for float32).
+            Default ``max(1e-8, 100 eps)`` of the parameters' dtype (1e-8 for float64, 1.2e-5 for float32).
         tol_ineq, tol_eq: absolute feasibility tolerances (max violation). Default
             ``max(1e-8, 100 eps)`` (1e-8 for float64, 1.2e-5 for float32).
         c_v, c_mu, max_steering: steering constants (0.1, 0.9, 10).
@@ -85,7 +88,10 @@ class ConstrainedSQP(torch.optim.Optimizer):
         sample_radius: only iterates within ``sample_radius · max(1, ‖x‖∞)`` of x are sampled. A
             sampled certificate says that x is within that distance of a point where the gradients
             nearly cancel (Clarke ε-stationarity), so the default is small: ``max(1e-8, 10 eps)``.
-        damping: BFGS damping θ (1e-4).
+        damping: BFGS damping θ (0.2, Powell's value: H is fed Lagrangian differences, whose curvature
+            may be negative, and θ bounds how much one damped update can stretch H).
+        max_stall: stop with a STALLED status after this many consecutive iterations whose step
+            changed x by less than 10 eps relative (5).
         qp_solver: ``"builtin"`` (default) or ``"qpth"`` (optional package, ``pip install --no-deps qpth``).
         seed: seed of the generator used for the rare random perturbation off a kink (0).
     """
@@ -94,8 +100,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
                  mu0: float = 1.0, memory: int | None = None, tol_opt: float | None = None,
                  tol_ineq: float | None = None, tol_eq: float | None = None, c_v: float = 0.1,
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
-                 max_ls_evals: int = 50, ngrad: int | None = None, sample_radius: float | None = None,
-                 damping: float = 1e-4, qp_solver: str = "builtin", seed: int = 0):
+                 max_ls_evals: int = 50, max_stall: int = 5, ngrad: int | None = None, sample_radius: float | None = None,
+                 damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0):
         _check_positive("mu0", mu0)
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
@@ -109,7 +115,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
         _check_open_interval("damping", damping, 0.0, 1.0)
         if sample_radius is not None:
             _check_positive("sample_radius", sample_radius)
-        for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals)):
+        for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals),
+                            ("max_stall", max_stall)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if ngrad is not None and (isinstance(ngrad, bool) or not isinstance(ngrad, int) or ngrad < 1):
@@ -117,7 +124,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
         if qp_solver not in ("builtin", "qpth"):
             raise ValueError(f"qp_solver must be 'builtin' or 'qpth', got {qp_solver!r}")
         defaults = dict(mu0=mu0, memory=memory, tol_opt=tol_opt, tol_ineq=tol_ineq, tol_eq=tol_eq, c_v=c_v,
-                        c_mu=c_mu, max_steering=max_steering, c1=c1, c2=c2, max_ls_evals=max_ls_evals,
+                        c_mu=c_mu, max_steering=max_steering, c1=c1, c2=c2, max_ls_evals=max_ls_evals, max_stall=max_stall,
                         ngrad=ngrad, sample_radius=sample_radius, damping=damping, qp_solver=qp_solver,
                         seed=seed)
         super().__init__(params, defaults)
@@ -126,7 +133,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
         self._flat = FlatParams(self.param_groups[0]["params"])
         self._constraints = canonical(constraints)
         eps = torch.finfo(self._flat.dtype).eps
-        self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 1000 * eps)
+        self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 100 * eps)
         self._tol_ineq = tol_ineq if tol_ineq is not None else max(1e-8, 100 * eps)
         self._tol_eq = tol_eq if tol_eq is not None else max(1e-8, 100 * eps)
         self._radius = sample_radius if sample_radius is not None else max(1e-8, 10 * eps)
@@ -210,11 +217,14 @@ class ConstrainedSQP(torch.optim.Optimizer):
                              "closure are not supported)")
         st = self._state
         x_now = self._flat.get().to(_WORK)
-        if "x" not in st or not torch.equal(x_now, st["x"]):
-            self._start(closure, x_now)
-        elif not st["certificate"].status.terminal:
-            self._iterate(closure)
-        self._flat.set(st["x"].to(self._flat.dtype))
+        try:
+            if "x" not in st or not torch.equal(x_now, st["x"]):
+                self._start(closure, x_now)
+            elif not st["certificate"].status.terminal:
+                self._iterate(closure)
+        finally:
+            # whatever happened (a closure that raised included), parameters hold the last good point
+            self._flat.set(st.get("x", x_now).to(self._flat.dtype))
         return st["point"].loss
 
     def _start(self, closure: Callable[[], Tensor], x: Tensor) -> None:
@@ -239,6 +249,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             st["g_ref"] = float(point.g.abs().max()) if point.g.numel() else 0.0
             st["rescues"] = 0
             st["expansions"] = 0
+            st["stalls"] = 0
         st["samples"] = deque(maxlen=self._sample_count(point.c.numel()))
         self._accept_bookkeeping(point, Status.IN_PROGRESS)
 
@@ -261,8 +272,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             phi0 = self._phi(point, mu)
             result = None
             if g0 < 0 and math.isfinite(g0):
-                result = weak_wolfe(self._trial_evaluator(closure, point.x, d, mu), phi0, g0,
-                                    self.defaults["c1"], self.defaults["c2"], self.defaults["max_ls_evals"])
+                result = self._search(closure, point, d, mu, phi0, g0)
             if result is None or result.outcome is Outcome.FAILED:
                 if H.updates > 0:
                     H.reset()
@@ -270,8 +280,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 self._stalled(closure, point, direction)
                 return
             trial = result.trial
-            infeasible_after = self._linf_violation(trial.c)[0] > self._tol_ineq or \
-                self._linf_violation(trial.c)[1] > self._tol_eq
+            ineq_after, eq_after = self._linf_violation(trial.c)
+            infeasible_after = ineq_after > self._tol_ineq or eq_after > self._tol_eq
             if result.outcome is Outcome.EXPANSION_LIMIT and infeasible_after and mu_reductions < 8:
                 st["mu"] = 0.1 * mu       # φ may be unbounded below along d for this μ
                 mu_reductions += 1
@@ -281,11 +291,59 @@ class ConstrainedSQP(torch.optim.Optimizer):
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
             H.update(trial.x - point.x, mu * (trial.g - point.g) + (trial.jacobian() - point.jacobian()).T @ y_dual)
             st["iteration"] += 1
-            st["rescues"] = 0
             st["expansions"] = st["expansions"] + 1 if result.outcome is Outcome.EXPANSION_LIMIT else 0
-            status = Status.UNBOUNDED if st["expansions"] >= 3 and not infeasible_after else Status.IN_PROGRESS
+            tiny = float((trial.x - point.x).abs().max()) <= 10 * _EPS * max(1.0, float(point.x.abs().max()))
+            st["stalls"] = st["stalls"] + 1 if tiny else 0
+            status = Status.IN_PROGRESS
+            if st["expansions"] >= 3 and not infeasible_after:
+                status = Status.UNBOUNDED
+            elif st["stalls"] >= self.defaults["max_stall"]:
+                status = Status.STALLED_INFEASIBLE if infeasible_after else Status.STALLED_FEASIBLE
             self._accept_bookkeeping(trial, status)
             return
+
+    def _search(self, closure, point: _Point, d: Tensor, mu: float, phi0: float, g0: float) -> LineSearchResult:
+        """Weak Wolfe search along d; when the full step fails sufficient decrease, first try it with a
+        second-order correction (which removes the Maratos effect of curved constraints)."""
+        c1 = self.defaults["c1"]
+        evaluate_at = self._trial_evaluator(closure, point.x, d, mu)
+        full = evaluate_at(1.0)
+        if point.c.numel() and not full[0] <= phi0 + c1 * g0 and full[2].finite:
+            corrected = full[2]
+            for k in range(_CORRECTIONS):
+                corrected = self._second_order_correction(closure, point, d, corrected)
+                if corrected is None:
+                    break
+                if self._phi(corrected, mu) <= phi0 + c1 * g0:
+                    return LineSearchResult(Outcome.DECREASE_ONLY, 1.0, corrected, k + 2)
+
+        def evaluate(t: float):
+            return full if t == 1.0 else evaluate_at(t)
+        return weak_wolfe(evaluate, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"])
+
+    def _second_order_correction(self, closure, point: _Point, d: Tensor, trial: _Point) -> _Point | None:
+        """Evaluate x̃ + d_c, where x̃ is the trial point (x + d, or an earlier corrected point) and
+        d_c = −J_aᵀ (J_a J_aᵀ)⁻¹ r is the least-norm step that brings the rows a the violation depends on
+        (equalities, violated inequalities) back to the QP's linear model at x:
+        r = c_a(x̃) − target, target = c + J d (equalities), max(c + J d, 0) (inequalities)."""
+        p = self._state["p"]
+        J = point.jacobian()
+        linear = point.c + J @ d
+        target = torch.cat([linear[:p].clamp(min=0), linear[p:]])
+        rows = torch.cat([trial.c[:p] > 0, torch.ones_like(trial.c[p:], dtype=torch.bool)])
+        if not bool(rows.any()):
+            return None
+        Ja, r = J[rows], (trial.c - target)[rows]
+        gram = Ja @ Ja.T
+        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=J.device)
+        L, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            return None
+        correction = -Ja.T @ torch.cholesky_solve(r[:, None], L)[:, 0]
+        corrected = self._evaluate(closure, trial.x + correction)
+        if not corrected.finite or not bool(torch.isfinite(corrected.jacobian()).all()):
+            return None
+        return corrected
 
     def _trial_evaluator(self, closure, x: Tensor, d: Tensor, mu: float):
         def evaluate_at(t: float):
@@ -302,9 +360,10 @@ class ConstrainedSQP(torch.optim.Optimizer):
         return evaluate_at
 
     def _stalled(self, closure, point: _Point, direction) -> None:
-        """No decrease along any direction tried: perturb off a possible kink once or twice, else stop."""
+        """No decrease along any direction tried: perturb off a possible kink (at most ``_RESCUES`` times in a
+        run, since torch's subgradient at a kink, e.g. 0 for |·| at 0, can fake a descent direction), else stop."""
         st = self._state
-        if st["rescues"] < 2:
+        if st["rescues"] < _RESCUES:
             st["rescues"] += 1
             radius = self._radius * max(1.0, float(point.x.abs().max()))
             u = torch.randn(point.x.shape, generator=self._generator, dtype=_WORK).to(point.x.device)

@@ -6,8 +6,8 @@ point; ``k > 1``: nearby iterates, *gradient sampling* for nonsmooth problems), 
     min_{w, λ}  ½ ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖²  +  ½ Σ_j Σ_{i∈I} (κ_i ‖∇c_i‖ λ_{j,i})²
     s.t.        w ≥ 0,  Σ_j w_j = 1,   λ_{j,I} ≥ 0,
 
-where ``κ_i = -c_i / (-c_i + tol_ineq)`` (0 for active or violated ``c_i``, → 1 for clearly inactive
-ones) charges a multiplier on an inactive constraint as much as the residual it removes, so that
+where ``κ_i = σ_i / (σ_i + tol_ineq)`` with ``σ_i = max(0, −c_i − tol_ineq)`` (0 for constraints within
+the feasibility tolerance of their bound, which count as active; → 1 for clearly inactive ones) charges a multiplier on an inactive constraint as much as the residual it removes, so that
 complementarity is part of the fit. The objective weights sum to one and the multipliers scale with
 ``f``: the measures below do not depend on the penalty parameter, on the BFGS matrix or on a positive
 rescaling of ``f`` (or of any constraint):
@@ -58,7 +58,8 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     J = jacobians / unit[:, None]                       # unit rows at the current point
     g = grads / g_scale
     kappa = torch.zeros_like(c)
-    kappa[:p] = (-c[:p]).clamp(min=0) / ((-c[:p]).clamp(min=0) + tol_ineq)
+    slack = (-c[:p] - tol_ineq).clamp(min=0)
+    kappa[:p] = slack / (slack + tol_ineq)
     lower = torch.full((m,), float("-inf"), dtype=dtype, device=device)
     lower[:p] = 0.0
     upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))

@@ -1,0 +1,202 @@
+"""Damped BFGS / L-BFGS inverse-Hessian operators (constrained_optim/hessian.py)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrained_optim.hessian import LBFGS, DenseBFGS
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def _spd(n, gen, low=1.0, high=10.0):
+    """A random symmetric matrix with eigenvalues in [low, high] (well conditioned: no damping)."""
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    eig = low + (high - low) * torch.rand(n, generator=gen, dtype=F64)
+    return Q @ torch.diag(eig) @ Q.T
+
+
+def _pairs(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    A = _spd(n, gen)
+    S = [torch.randn(n, generator=gen, dtype=F64) for _ in range(k)]
+    return A, [(s, A @ s) for s in S]
+
+
+def _matrix(H, n):
+    return H.apply(torch.eye(n, dtype=F64))
+
+
+def _assert_spd(M):
+    assert torch.allclose(M, M.T, rtol=1e-10, atol=1e-10 * float(M.abs().max()))
+    assert float(torch.linalg.eigvalsh(0.5 * (M + M.T)).min()) > 0
+
+
+def _make(kind, n, memory=50):
+    return DenseBFGS(n, F64, CPU) if kind == "dense" else LBFGS(n, F64, CPU, memory=memory)
+
+
+@pytest.mark.parametrize("kind", ["dense", "lbfgs"])
+@pytest.mark.parametrize("seed", range(5))
+def test_secant_equation_for_last_pair(kind, seed):
+    n, k = 6, 4
+    _, pairs = _pairs(n, k, seed)
+    H = _make(kind, n)
+    for s, y in pairs:
+        assert H.update(s, y)
+        assert torch.allclose(H.apply(y), s, rtol=1e-9, atol=1e-11)
+    assert H.updates == k
+    _assert_spd(_matrix(H, n))
+
+
+def test_lbfgs_secant_with_short_memory():
+    n = 5
+    _, pairs = _pairs(n, 7, seed=11)
+    H = LBFGS(n, F64, CPU, memory=2)
+    for s, y in pairs:
+        assert H.update(s, y)
+    assert len(H.S) == 2 and H.updates == 7
+    s, y = pairs[-1]
+    assert torch.allclose(H.apply(y), s, rtol=1e-9, atol=1e-11)
+    _assert_spd(_matrix(H, n))
+
+
+def test_initial_operators_are_identity():
+    n = 4
+    V = torch.randn(n, 3, dtype=F64)
+    for H in (DenseBFGS(n, F64, CPU), LBFGS(n, F64, CPU, memory=3)):
+        assert torch.equal(H.apply(V), V)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_update_dense_equals_lbfgs(seed):
+    # with a single pair both start from γ I, γ = sᵀy / yᵀy of that pair, and apply the same update
+    n = 5
+    _, pairs = _pairs(n, 1, seed)
+    dense, lbfgs = DenseBFGS(n, F64, CPU), LBFGS(n, F64, CPU, memory=3)
+    dense.update(*pairs[0])
+    lbfgs.update(*pairs[0])
+    assert torch.allclose(_matrix(dense, n), _matrix(lbfgs, n), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lbfgs_equals_dense_bfgs_started_from_the_same_scaling(seed):
+    # L-BFGS with memory >= #updates is BFGS from H0 = γ_k I (γ_k of the newest pair). DenseBFGS rescales
+    # its H0 with the *first* pair instead, so give it γ_k I explicitly (updates=1 disables the rescaling).
+    n, k = 6, 4
+    _, pairs = _pairs(n, k, seed)
+    lbfgs = LBFGS(n, F64, CPU, memory=k)
+    for s, y in pairs:
+        lbfgs.update(s, y)
+    s_k, y_k = pairs[-1]
+    gamma = s_k.dot(y_k) / y_k.dot(y_k)
+    dense = DenseBFGS(n, F64, CPU)
+    dense.load_state_dict({"H": gamma * torch.eye(n, dtype=F64), "updates": 1})
+    for s, y in pairs:
+        dense.update(s, y)
+    assert torch.allclose(_matrix(dense, n), _matrix(lbfgs, n), rtol=1e-9, atol=1e-11)
+
+
+vec = st.lists(st.floats(-10, 10, allow_nan=False, allow_infinity=False), min_size=4, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["dense", "lbfgs"]), theta=st.sampled_from([1e-4, 0.2]),
+       raw=st.lists(st.tuples(vec, vec), min_size=1, max_size=5))
+def test_damping_keeps_positive_definite(kind, theta, raw):
+    n = 4
+    H = DenseBFGS(n, F64, CPU, damping=theta) if kind == "dense" else LBFGS(n, F64, CPU, memory=3, damping=theta)
+    for s_list, y_list in raw:
+        s, y = torch.tensor(s_list, dtype=F64), torch.tensor(y_list, dtype=F64)
+        if float(s.norm()) < 1e-3 or float(y.norm()) < 1e-3:
+            continue
+        if float(s.dot(y)) >= 0:     # make the curvature negative: the undamped update would break PD
+            y = -y
+        if abs(float(s.dot(y))) < 1e-3:
+            continue
+        before = _matrix(H, n)
+        accepted = H.update(s, y)
+        after = _matrix(H, n)
+        assert bool(torch.isfinite(after).all())
+        if not accepted:
+            assert torch.equal(before, after)
+        assert torch.allclose(after, after.T, rtol=0, atol=1e-8 * float(after.abs().max()))
+        eig = torch.linalg.eigvalsh(0.5 * (after + after.T))
+        # every damped pair has curvature θ yᵀHy > 0, so H₊ is PD in exact arithmetic. With θ = 1e-4 each
+        # negative-curvature pair can multiply the condition number by up to 1/θ, so repeated pairs reach
+        # cond ~ 1e16 where the smallest eigenvalue is rounding noise of the largest: check PD up to rounding.
+        assert float(eig.min()) > -1e-10 * float(eig.max())
+        if theta == 0.2:
+            _assert_spd(after)
+        # the curvature along the pair's y is positive (H₊y = s' with s'ᵀy = θ yᵀHy > 0), up to rounding
+        assert float(y.dot(H.apply(y))) > -1e-10 * float(eig.max()) * float(y.dot(y))
+        if theta == 0.2:
+            assert float(y.dot(H.apply(y))) > 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "lbfgs"])
+def test_damped_pair_satisfies_damped_secant(kind):
+    # sᵀy < 0: the stored step is s' = τ s + (1 − τ) H y with s'ᵀy = θ yᵀHy > 0 and H₊ y = s'
+    n = 3
+    H = _make(kind, n)
+    s = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    y = torch.tensor([-1.0, 0.5, 0.0], dtype=F64)
+    theta = H.damping
+    Hy = H.apply(y)
+    sy, yHy = s.dot(y), y.dot(Hy)
+    tau = (1 - theta) * yHy / (yHy - sy)
+    s_damped = tau * s + (1 - tau) * Hy
+    assert torch.isclose(s_damped.dot(y), theta * yHy)
+    assert H.update(s, y)
+    assert torch.allclose(H.apply(y), s_damped, rtol=1e-8, atol=1e-12)
+    _assert_spd(_matrix(H, n))
+
+
+@pytest.mark.parametrize("kind", ["dense", "lbfgs"])
+def test_nonfinite_pair_is_skipped(kind):
+    n = 3
+    H = _make(kind, n)
+    before = _matrix(H, n)
+    assert not H.update(torch.tensor([1.0, float("nan"), 0.0], dtype=F64), torch.ones(3, dtype=F64))
+    assert not H.update(torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64))
+    assert torch.equal(_matrix(H, n), before) and H.updates == 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "lbfgs"])
+def test_apply_vector_and_matrix_consistent(kind):
+    n, r = 7, 4
+    _, pairs = _pairs(n, 5, seed=3)
+    H = _make(kind, n, memory=3)
+    for s, y in pairs:
+        H.update(s, y)
+    V = torch.randn(n, r, dtype=F64, generator=torch.Generator().manual_seed(1))
+    HV = H.apply(V)
+    assert HV.shape == (n, r)
+    for j in range(r):
+        Hv = H.apply(V[:, j])
+        assert Hv.shape == (n,)
+        assert torch.allclose(HV[:, j], Hv, rtol=1e-12, atol=1e-12)
+    # apply is linear
+    a, b = V[:, 0], V[:, 1]
+    assert torch.allclose(H.apply(2.0 * a - 3.0 * b), 2.0 * H.apply(a) - 3.0 * H.apply(b), rtol=1e-10, atol=1e-12)
+    # apply does not modify its argument
+    V0 = V.clone()
+    H.apply(V)
+    assert torch.equal(V, V0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "lbfgs"])
+def test_reset_and_state_dict_round_trip(kind):
+    n = 4
+    _, pairs = _pairs(n, 3, seed=5)
+    H = _make(kind, n, memory=5)
+    for s, y in pairs:
+        H.update(s, y)
+    state = H.state_dict()
+    H2 = _make(kind, n, memory=5)
+    H2.load_state_dict(state)
+    assert H2.updates == H.updates
+    assert torch.equal(_matrix(H2, n), _matrix(H, n))
+    H.reset()
+    assert H.updates == 0 and torch.equal(_matrix(H, n), torch.eye(n, dtype=F64))
