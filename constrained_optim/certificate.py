@@ -21,9 +21,8 @@ class Status(enum.IntEnum):
     STALLED_INFEASIBLE = 3
     INFEASIBLE = 4
     UNBOUNDED = 5
-    NONFINITE = 6
-    CALLBACK = 7
-    TIME_LIMIT = 8
+    CALLBACK = 6
+    TIME_LIMIT = 7
 
     @property
     def terminal(self) -> bool:
@@ -35,13 +34,12 @@ MESSAGES = {
     Status.IN_PROGRESS: "in progress: the KKT conditions do not hold yet",
     Status.CONVERGED: "converged: stationarity, complementarity and feasibility hold within tolerance",
     Status.MAX_ITER: "stopped: iteration limit reached before the KKT conditions held",
-    Status.STALLED_FEASIBLE: ("stopped: the line search found no decrease at a feasible point that is not "
-                              "certified stationary (limit of working precision, or a nonsmooth point)"),
-    Status.STALLED_INFEASIBLE: "stopped: the line search found no decrease at an infeasible point",
+    Status.STALLED_FEASIBLE: ("stopped: no further progress at a feasible point that is not certified "
+                              "stationary (limit of working precision, or a nonsmooth point)"),
+    Status.STALLED_INFEASIBLE: "stopped: no further progress at an infeasible point",
     Status.INFEASIBLE: ("stopped: the problem looks locally infeasible (no direction reduces the "
                         "constraint violation); the most feasible point was kept"),
     Status.UNBOUNDED: "stopped: the objective decreases without bound on the feasible set",
-    Status.NONFINITE: "stopped: the objective or a constraint is not finite; the last good point was kept",
     Status.CALLBACK: "stopped by the user's callback",
     Status.TIME_LIMIT: "stopped: time limit reached",
 }

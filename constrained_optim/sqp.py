@@ -237,19 +237,15 @@ class ConstrainedSQP(torch.optim.Optimizer):
         point.jacobian()
         if not bool(torch.isfinite(point.J).all()):
             raise ValueError("a constraint gradient is not finite at the starting point")
-        first = "x" not in st
-        st["p"] = point.values.p
-        st["x"], st["point"] = x, point
-        if first:
+        if "x" not in st:
             st["mu"] = float(self.defaults["mu0"])
             st["iteration"] = 0
             n = self._flat.n
             st["hessian"] = (DenseBFGS(n, _WORK, x.device, self.defaults["damping"]) if self._memory is None
                              else LBFGS(n, _WORK, x.device, self._memory, self.defaults["damping"]))
             st["g_ref"] = float(point.g.abs().max()) if point.g.numel() else 0.0
-            st["rescues"] = 0
-            st["expansions"] = 0
-            st["stalls"] = 0
+        st["p"] = point.values.p
+        st["rescues"] = st["expansions"] = st["stalls"] = 0
         st["samples"] = deque(maxlen=self._sample_count(point.c.numel()))
         self._accept_bookkeeping(point, Status.IN_PROGRESS)
 

@@ -37,7 +37,7 @@ def _ball_problem(dtype=F64):
 
 # -------------------------------------------------------------------------------------- training loop
 def test_design_training_loop_converges():
-    X, y, model = _regression()
+    X, y, model = _regression(dtype=F64)
     constraints = [co.ineq(lambda: model.weight.norm() - 1.0, name="unit_norm"),
                    co.eq(lambda: model.bias.sum(), name="zero_bias")]
     opt = co.ConstrainedSQP(model.parameters(), constraints=constraints)
@@ -58,6 +58,29 @@ def test_design_training_loop_converges():
     assert cert.converged and cert.status is co.Status.CONVERGED and cert.kkt
     assert cert.iteration >= 1 and losses[-1] <= losses[0]
     assert abs(float(model.weight.norm()) - 1.0) <= 1e-4        # the ball is active at the optimum
+
+
+def test_design_training_loop_float32_reaches_the_float64_answer():
+    """float32 gradients have a rounding floor near 1e-5 (relative): the run must end at the float64
+    solution, certified or honestly stalled, and a CONVERGED claim must satisfy the KKT tolerances."""
+    answers = {}
+    for dtype in (F64, torch.float32):
+        X, y, model = _regression(dtype=F64)      # same data and start for both, then cast
+        X, y, model = X.to(dtype), y.to(dtype), model.to(dtype)
+        opt = co.ConstrainedSQP(model.parameters(), constraints=[
+            co.ineq(lambda: model.weight.norm() - 1.0, name="unit_norm"),
+            co.eq(lambda: model.bias.sum(), name="zero_bias")])
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X), y)
+            loss.backward()
+            return loss
+        cert = _train(opt, closure)
+        assert cert.status in (co.Status.CONVERGED, co.Status.STALLED_FEASIBLE), cert
+        assert cert.kkt == cert.converged and cert.feasible
+        answers[dtype] = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).double()
+    assert torch.allclose(answers[torch.float32], answers[F64], atol=1e-4)
     assert abs(float(model.bias.sum())) <= cert.tol_eq
     assert set(cert.multipliers) == {"unit_norm", "zero_bias"}
     assert float(cert.multipliers["unit_norm"]) > 0
