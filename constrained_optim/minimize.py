@@ -15,7 +15,7 @@ _METHODS = {"sqp": ConstrainedSQP}
 
 
 def minimize(objective: Callable[[], Tensor], params: Iterable[Tensor],
-             constraints: Sequence[Constraint] | None = (), method: str = "sqp", tol: float | None = None,
+             constraints: Sequence[Constraint] | None = None, method: str = "sqp", tol: float | None = None,
              max_iter: int = 1000, callback: Callable[[Certificate], bool | None] | None = None,
              progress: bool = False, time_limit: float | None = None, **options) -> OptimizeResult:
     """Minimize ``objective()`` subject to ``constraints`` over ``params``.

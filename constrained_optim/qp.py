@@ -675,6 +675,9 @@ def _phase_one_infeasible(P: _Problem, max_iter: int) -> Tensor:
 # optional qpth backend
 
 
+_QPTH_SHIFT = 1e-11   # relative diagonal shift that lets qpth factorise a singular Q
+
+
 def _import_qpth():
     """Import ``qpth.qp`` without needing cvxpy.
 
@@ -705,7 +708,8 @@ def _solve_qpth(P: _Problem, batch, dtype, tol: float, max_iter: int, box: bool 
     batch element are dropped; rows absent in only some elements get the finite bound
     ``±(1e6 * (1 + max |finite bound|))``. qpth needs at least one constraint, so an unconstrained
     problem gets the vacuous row ``0 z <= 1``. qpth does not report iterations; ``iterations`` holds
-    ``max_iter``. Status comes from this module's KKT residual of qpth's answer.
+    ``max_iter``. Q is shifted by ``1e-11 (1 + max diag Q) I`` so that qpth can factorise singular
+    matrices. Status comes from this module's KKT residual of qpth's answer to the unshifted problem.
     """
     qpth_qp = _import_qpth()
     B, n = P.p.shape
@@ -721,9 +725,14 @@ def _solve_qpth(P: _Problem, batch, dtype, tol: float, max_iter: int, box: bool 
     empty = P.p.new_zeros(0)
     A, b = (P.A, P.b) if P.b.shape[-1] > 0 else (empty, empty)
     pdipm = qpth_qp.pdipm_b
+    # qpth factorises Q itself and fails on a singular one (J H Jᵀ with dependent rows, say): give it
+    # the smallest shift that makes the factorisation possible; the status below is still judged by
+    # the KKT residual of the *original* problem.
+    shift = _QPTH_SHIFT * (1 + P.Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1))
+    Q = P.Q + shift[:, None, None] * torch.eye(n, dtype=P.Q.dtype, device=P.Q.device)
     try:
-        Q_LU, S_LU, R = pdipm.pre_factor_kkt(P.Q, G, A)
-        z, nu, lam_kept, _ = pdipm.forward(P.Q, P.p, G, h, A, b, Q_LU, S_LU, R, tol, -1, 3, max_iter)
+        Q_LU, S_LU, R = pdipm.pre_factor_kkt(Q, G, A)
+        z, nu, lam_kept, _ = pdipm.forward(Q, P.p, G, h, A, b, Q_LU, S_LU, R, tol, -1, 3, max_iter)
     except RuntimeError:  # qpth factorises the whole batch at once; a singular one fails it all
         z = torch.full_like(P.p, torch.nan)
         lam_kept = P.p.new_full((B, G.shape[1]), torch.nan)

@@ -72,7 +72,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
 
     Args:
         params: parameters to optimize (one dtype and device).
-        constraints: list of :func:`~constrained_optim.ineq` / :func:`~constrained_optim.eq` constraints.
+        constraints: list of :func:`~constrained_optim.ineq` / :func:`~constrained_optim.eq` constraints
+            (at least one: an empty list is an error).
         mu0: initial penalty parameter μ on the objective (default 1.0). μ only decreases.
         memory: ``None`` (default): dense BFGS when the number of variables n <= 4096, otherwise
             L-BFGS with 20 pairs; an int k > 0: L-BFGS with k pairs (O(k n) memory).
@@ -92,11 +93,13 @@ class ConstrainedSQP(torch.optim.Optimizer):
             may be negative, and θ bounds how much one damped update can stretch H).
         max_stall: stop with a STALLED status after this many consecutive iterations whose step
             changed x by less than 10 eps relative (5).
-        qp_solver: ``"builtin"`` (default) or ``"qpth"`` (optional package, ``pip install --no-deps qpth``).
+        qp_solver: solver of the direction QP: ``"builtin"`` (default) or ``"qpth"`` (optional package,
+            ``pip install --no-deps qpth``). The certificate's multiplier fit always uses the builtin
+            solver, so that the certificate does not depend on an optional backend's accuracy.
         seed: seed of the generator used for the rare random perturbation off a kink (0).
     """
 
-    def __init__(self, params: Iterable[Tensor], constraints: Sequence[Constraint] | None = (), *,
+    def __init__(self, params: Iterable[Tensor], constraints: Sequence[Constraint] | None = None, *,
                  mu0: float = 1.0, memory: int | None = None, tol_opt: float | None = None,
                  tol_ineq: float | None = None, tol_eq: float | None = None, c_v: float = 0.1,
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
@@ -132,6 +135,9 @@ class ConstrainedSQP(torch.optim.Optimizer):
             raise ValueError("ConstrainedSQP optimizes all parameters jointly: pass one parameter group")
         self._flat = FlatParams(self.param_groups[0]["params"])
         self._constraints = canonical(constraints)
+        if not self._constraints:
+            raise ValueError("ConstrainedSQP got no constraints: pass constraints=[co.ineq(fn), co.eq(fn), ...]; "
+                             "for an unconstrained problem use torch.optim.LBFGS")
         eps = torch.finfo(self._flat.dtype).eps
         self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 100 * eps)
         self._tol_ineq = tol_ineq if tol_ineq is not None else max(1e-8, 100 * eps)
@@ -287,8 +293,12 @@ class ConstrainedSQP(torch.optim.Optimizer):
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
             H.update(trial.x - point.x, mu * (trial.g - point.g) + (trial.jacobian() - point.jacobian()).T @ y_dual)
             st["iteration"] += 1
-            st["expansions"] = st["expansions"] + 1 if result.outcome is Outcome.EXPANSION_LIMIT else 0
-            tiny = float((trial.x - point.x).abs().max()) <= 10 * _EPS * max(1.0, float(point.x.abs().max()))
+            step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
+            # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
+            # with steps at least as long as x itself
+            diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
+            st["expansions"] = st["expansions"] + 1 if diverging else 0
+            tiny = step <= 10 * _EPS * size
             st["stalls"] = st["stalls"] + 1 if tiny else 0
             status = Status.IN_PROGRESS
             if st["expansions"] >= 3 and not infeasible_after:
@@ -411,8 +421,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
         g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
                       torch.finfo(_WORK).tiny)
         J = point.jacobian()
-        backend = self.defaults["qp_solver"]
-        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq, backend)
+        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq)
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:
             radius = self._radius * max(1.0, float(point.x.abs().max()))
@@ -421,7 +430,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])
                 jacs = torch.stack([Js for _, Js in near[::-1]])
-                sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq, backend)
+                sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq)
                 if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
                     meas, samples = sampled, len(near)
         names = {name: sl for name, sl in point.values.slices.items()}

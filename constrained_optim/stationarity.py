@@ -35,8 +35,7 @@ class Stationarity:
     solved: bool
 
 
-def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float,
-            backend: str = "builtin") -> Stationarity:
+def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
 
     Args:
@@ -65,9 +64,9 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))
     lower = torch.where(live, lower, torch.zeros_like(c))
     if k == 1:
-        lam_unit, r, solved = _single(g[0], J[0], kappa, lower, upper, backend)
+        lam_unit, r, solved = _single(g[0], J[0], kappa, lower, upper)
     else:
-        lam_unit, r, solved = _sampled(g, J, kappa, lower, upper, backend)
+        lam_unit, r, solved = _sampled(g, J, kappa, lower, upper)
     lam = lam_unit / unit * g_scale
     col_inf = jacobians[0].abs().amax(dim=1)
     comp = (kappa * col_inf * lam.abs())[:p]
@@ -79,14 +78,14 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     )
 
 
-def _single(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, backend: str):
+def _single(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
     Q = J @ J.T + torch.diag(kappa * kappa)
-    res = solve_box_qp(Q, J @ g, lower, upper, backend=backend)
+    res = solve_box_qp(Q, J @ g, lower, upper)
     lam = res.z
     return lam, g + J.T @ lam, bool(res.solved)
 
 
-def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, backend: str):
+def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
     k, m, n = J.shape
     C = torch.cat([g.T, J.reshape(k * m, n).T], dim=1)   # (n, k + k m): columns ∇f_j, then rows of J_j
     penalty = torch.cat([torch.zeros(k, dtype=g.dtype, device=g.device), (kappa * kappa).repeat(k)])
@@ -101,7 +100,7 @@ def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, 
     A = torch.cat([torch.ones(1, k, dtype=g.dtype, device=g.device),
                    torch.zeros(1, k * m, dtype=g.dtype, device=g.device)], dim=1)
     b = torch.ones(1, dtype=g.dtype, device=g.device)
-    res = solve_qp(Q, torch.zeros(size, dtype=g.dtype, device=g.device), G, h, A, b, backend=backend)
+    res = solve_qp(Q, torch.zeros(size, dtype=g.dtype, device=g.device), G, h, A, b)
     z = res.z
     lam = z[k:].reshape(k, m).sum(dim=0)
     return lam, C @ z, bool(res.solved)

@@ -278,3 +278,19 @@ def test_sqp_bfgs_float32(name):
     x, res = _run_sqp(prob, dtype=torch.float32)
     assert x.dtype == torch.float32
     _check(prob, x, res, f_tol=1e-4, viol_tol=1e-5)
+
+
+# The optional qpth backend for the direction QP (CI installs it with `pip install --no-deps qpth`,
+# without cvxpy, in a step after the README's test command). The certificate is computed by the builtin
+# solver either way; these runs check that directions from qpth reach the same answers.
+_QPTH_PROBLEMS = [get_problem(name) for name in ("hs035", "hs071", "hs093", "trace_n8_k2", "svm_primal_m20",
+                                                  "nsrosen_1")]
+
+
+@pytest.mark.parametrize("prob", _QPTH_PROBLEMS, ids=_ids(_QPTH_PROBLEMS))
+def test_sqp_qpth_backend(prob):
+    import importlib.util
+    if importlib.util.find_spec("qpth") is None:
+        pytest.skip("qpth not installed (optional: pip install --no-deps qpth)")
+    x, res = _run_sqp(prob, qp_solver="qpth")
+    _check(prob, x, res, f_tol=1e-6, viol_tol=1e-6)

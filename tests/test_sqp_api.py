@@ -131,9 +131,18 @@ def test_invalid_option_raises_value_error_naming_it(name, value):
         co.ConstrainedSQP([x], [], **{name: value})
 
 
+def test_empty_constraint_list_raises():
+    x = torch.zeros(2, requires_grad=True)
+    for empty in ([], (), None):
+        with pytest.raises(ValueError, match="no constraints"):
+            co.ConstrainedSQP([x], empty)
+    with pytest.raises(ValueError, match="no constraints"):
+        co.minimize(lambda: (x ** 2).sum(), [x], [])
+
+
 def test_valid_options_accepted():
     x = torch.zeros(2, requires_grad=True)
-    co.ConstrainedSQP([x], [], mu0=10, memory=3, tol_opt=1e-6, tol_ineq=1e-7, tol_eq=1e-7, c_v=0.5, c_mu=0.5,
+    co.ConstrainedSQP([x], [co.ineq(lambda: x.sum())], mu0=10, memory=3, tol_opt=1e-6, tol_ineq=1e-7, tol_eq=1e-7, c_v=0.5, c_mu=0.5,
                       max_steering=3, c1=0.1, c2=0.9, max_ls_evals=5, ngrad=4, sample_radius=1e-6,
                       damping=0.2, qp_solver="builtin", seed=3)
 
