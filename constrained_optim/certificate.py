@@ -37,8 +37,8 @@ MESSAGES = {
     Status.STALLED_FEASIBLE: ("stopped: no further progress at a feasible point that is not certified "
                               "stationary (limit of working precision, or a nonsmooth point)"),
     Status.STALLED_INFEASIBLE: "stopped: no further progress at an infeasible point",
-    Status.INFEASIBLE: ("stopped: the problem looks locally infeasible (no direction reduces the "
-                        "constraint violation); the most feasible point was kept"),
+    Status.INFEASIBLE: ("stopped: the problem looks locally infeasible (the constraint violation is "
+                        "stationary here); opt.most_feasible holds the least violating iterate"),
     Status.UNBOUNDED: "stopped: the objective decreases without bound on the feasible set",
     Status.CALLBACK: "stopped by the user's callback",
     Status.TIME_LIMIT: "stopped: time limit reached",

@@ -5,7 +5,7 @@ Along a descent direction ``d`` with ``g₀ = ∇φ(x)ᵀd < 0``, find ``t > 0``
     φ(x + t d) ≤ φ(x) + c₁ t g₀          (sufficient decrease, Armijo)
     ∇φ(x + t d)ᵀ d ≥ c₂ g₀               (weak curvature)
 
-Bracket ``[α, β]``, start ``α = 0, β = ∞, t = 1``: if decrease fails (or φ is not finite) ``β ← t``;
+Bracket ``[α, β]``, start ``α = 0, β = ∞, t = t₀`` (1 by default): if decrease fails (or φ is not finite) ``β ← t``;
 elif curvature fails ``α ← t``; else accept. Next ``t = (α + β) / 2`` if ``β < ∞`` else ``2t``.
 """
 from __future__ import annotations
@@ -33,15 +33,15 @@ class LineSearchResult:
 
 def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any]],
                phi0: float, g0: float, c1: float = 1e-4, c2: float = 0.5,
-               max_evaluations: int = 50, max_expansions: int = 10) -> LineSearchResult:
+               max_evaluations: int = 50, max_expansions: int = 10, t0: float = 1.0) -> LineSearchResult:
     """Run the bracketing search.
 
     Args:
         evaluate: ``evaluate(t)`` returns ``(φ(x + t d), slope, trial)`` where ``slope()`` computes
             ``∇φ(x + t d)ᵀ d`` on demand (it is only needed where the decrease condition holds).
-        phi0: φ(x). g0: ∇φ(x)ᵀd (must be negative).
+        phi0: φ(x). g0: ∇φ(x)ᵀd (must be negative). t0: the first trial step.
     """
-    alpha, beta, t = 0.0, math.inf, 1.0
+    alpha, beta, t = 0.0, math.inf, t0
     best = None  # (α, trial at α): the largest t with sufficient decrease and a finite slope
     expansions = 0
     for evaluations in range(1, max_evaluations + 1):

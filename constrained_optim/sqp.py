@@ -252,6 +252,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             st["g_ref"] = float(point.g.abs().max()) if point.g.numel() else 0.0
         st["p"] = point.values.p
         st["rescues"] = st["expansions"] = st["stalls"] = 0
+        st["t0"] = 1.0
         st["samples"] = deque(maxlen=self._sample_count(point.c.numel()))
         self._accept_bookkeeping(point, Status.IN_PROGRESS)
 
@@ -274,16 +275,15 @@ class ConstrainedSQP(torch.optim.Optimizer):
             phi0 = self._phi(point, mu)
             result = None
             if g0 < 0 and math.isfinite(g0):
-                result = self._search(closure, point, d, mu, phi0, g0)
+                result = self._search(closure, point, d, mu, phi0, g0, st["t0"])
             if result is None or result.outcome is Outcome.FAILED:
                 if H.updates > 0:
                     H.reset()
                     continue
-                self._stalled(closure, point, direction)
+                self._stalled(closure, point)
                 return
             trial = result.trial
-            ineq_after, eq_after = self._linf_violation(trial.c)
-            infeasible_after = ineq_after > self._tol_ineq or eq_after > self._tol_eq
+            infeasible_after = not self._feasible(trial.c)
             if result.outcome is Outcome.EXPANSION_LIMIT and infeasible_after and mu_reductions < 8:
                 st["mu"] = 0.1 * mu       # φ may be unbounded below along d for this μ
                 mu_reductions += 1
@@ -298,21 +298,27 @@ class ConstrainedSQP(torch.optim.Optimizer):
             # with steps at least as long as x itself
             diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
             st["expansions"] = st["expansions"] + 1 if diverging else 0
+            # after a search that never bracketed, the next one starts where it stopped, so that a
+            # divergent run diverges geometrically (and is recognised) rather than linearly
+            st["t0"] = result.t if result.outcome is Outcome.EXPANSION_LIMIT else 1.0
             tiny = step <= 10 * _EPS * size
             st["stalls"] = st["stalls"] + 1 if tiny else 0
             status = Status.IN_PROGRESS
             if st["expansions"] >= 3 and not infeasible_after:
                 status = Status.UNBOUNDED
             elif st["stalls"] >= self.defaults["max_stall"]:
-                status = Status.STALLED_INFEASIBLE if infeasible_after else Status.STALLED_FEASIBLE
+                status = self._stop_status(trial)
             self._accept_bookkeeping(trial, status)
             return
 
-    def _search(self, closure, point: _Point, d: Tensor, mu: float, phi0: float, g0: float) -> LineSearchResult:
-        """Weak Wolfe search along d; when the full step fails sufficient decrease, first try it with a
-        second-order correction (which removes the Maratos effect of curved constraints)."""
+    def _search(self, closure, point: _Point, d: Tensor, mu: float, phi0: float, g0: float,
+                t0: float) -> LineSearchResult:
+        """Weak Wolfe search along d from t0; when the full step (t0 = 1) fails sufficient decrease, first
+        try it with second-order corrections (which remove the Maratos effect of curved constraints)."""
         c1 = self.defaults["c1"]
         evaluate_at = self._trial_evaluator(closure, point.x, d, mu)
+        if t0 != 1.0:
+            return weak_wolfe(evaluate_at, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"], t0=t0)
         full = evaluate_at(1.0)
         if point.c.numel() and not full[0] <= phi0 + c1 * g0 and full[2].finite:
             corrected = full[2]
@@ -365,7 +371,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             return self._phi(trial, mu), slope, trial
         return evaluate_at
 
-    def _stalled(self, closure, point: _Point, direction) -> None:
+    def _stalled(self, closure, point: _Point) -> None:
         """No decrease along any direction tried: perturb off a possible kink (at most ``_RESCUES`` times in a
         run, since torch's subgradient at a kink, e.g. 0 for |·| at 0, can fake a descent direction), else stop."""
         st = self._state
@@ -379,16 +385,16 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 st["iteration"] += 1
                 self._accept_bookkeeping(trial, Status.IN_PROGRESS)
                 return
-        self._flat.set(point.x.to(self._flat.dtype))
-        ineq, eq = self._linf_violation(point.c)
-        if ineq <= self._tol_ineq and eq <= self._tol_eq:
-            status = Status.STALLED_FEASIBLE
-        elif direction.predicted_ref <= 1e-12 * max(1.0, float(violation(point.c, st["p"]))):
-            status = Status.INFEASIBLE
-        else:
-            status = Status.STALLED_INFEASIBLE
-        cert = st["certificate"]
-        cert.status = status
+        st["certificate"].status = self._stop_status(point)
+
+    def _stop_status(self, point: _Point) -> Status:
+        """Why a run that cannot progress stops: stalled (feasible or not) or locally infeasible."""
+        if self._feasible(point.c):
+            return Status.STALLED_FEASIBLE
+        if stationarity.infeasibility(point.jacobian(), point.c, self._state["p"], self._tol_ineq,
+                                      self._tol_eq) <= self._tol_opt:
+            return Status.INFEASIBLE
+        return Status.STALLED_INFEASIBLE
 
     # ------------------------------------------------------------------------- certificate, bookkeeping
     def _linf_violation(self, c: Tensor) -> tuple[float, float]:
@@ -397,11 +403,14 @@ class ConstrainedSQP(torch.optim.Optimizer):
         eq = float(c[p:].abs().max()) if c.numel() > p else 0.0
         return ineq, eq
 
+    def _feasible(self, c: Tensor) -> bool:
+        ineq, eq = self._linf_violation(c)
+        return ineq <= self._tol_ineq and eq <= self._tol_eq
+
     def _accept_bookkeeping(self, point: _Point, status: Status) -> None:
         st = self._state
         st["x"], st["point"] = point.x, point
-        J = point.jacobian()
-        st["samples"].append((point.x, point.g, J))
+        st["samples"].append((point.x, point.g, point.jacobian()))
         cert = self._certify(point)
         if status is Status.IN_PROGRESS and cert.kkt:
             status = Status.CONVERGED
@@ -433,13 +442,12 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq)
                 if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
                     meas, samples = sampled, len(near)
-        names = {name: sl for name, sl in point.values.slices.items()}
         lam = meas.multipliers
         return Certificate(
             stationarity=meas.stationarity if meas.solved else math.inf,
             complementarity=meas.complementarity if meas.solved else math.inf,
             ineq_violation=ineq, eq_violation=eq, objective=point.f, penalty=st["mu"],
-            multipliers={name: lam[sl].to(self._flat.dtype) for name, sl in names.items()},
+            multipliers={name: lam[sl].to(self._flat.dtype) for name, sl in point.values.slices.items()},
             iteration=st["iteration"], samples=samples, tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
             tol_eq=self._tol_eq)
 

@@ -104,3 +104,24 @@ def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
     z = res.z
     lam = z[k:].reshape(k, m).sum(dim=0)
     return lam, C @ z, bool(res.solved)
+
+
+def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> float:
+    """Stationarity of the violation ``v`` at an infeasible point (small: locally infeasible).
+
+        min_y ‖Jᵀy‖∞ / max_i ‖∇c_i‖∞   over  y ∈ ∂v:
+        y_i = 1 (c_I,i > tol), y_i ∈ [0, 1] (|c_I,i| <= tol), y_i = 0 (c_I,i < −tol),
+        y_j = sign(c_E,j) (|c_E,j| > tol), y_j ∈ [−1, 1] (|c_E,j| <= tol),
+
+    over the violated and nearly active rows (the QP minimizes ‖Jᵀy‖₂). Rows are normalized, so the
+    measure does not depend on the scaling of the constraints.
+    """
+    norms = torch.linalg.vector_norm(J, dim=1)
+    unit = J / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+    ci, ce = c[:p], c[p:]
+    lower = torch.cat([(ci > tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), -torch.ones_like(ce))])
+    upper = torch.cat([(ci >= -tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), torch.ones_like(ce))])
+    res = solve_box_qp(unit @ unit.T, torch.zeros_like(c), lower, upper)
+    if not bool(res.solved):
+        return float("inf")
+    return float((unit.T @ res.z).abs().max())

@@ -1,0 +1,132 @@
+"""ConstrainedSQP's step mechanics: termination statuses, fallbacks and the truthfulness of the certificate."""
+import math
+
+import pytest
+import torch
+
+import constrained_optim as co
+
+F64 = torch.float64
+
+
+def _run(f, x, constraints, **options):
+    return co.minimize(lambda: f(x), [x], constraints, max_iter=300, **options)
+
+
+def test_locally_infeasible_problem_is_reported_infeasible():
+    # ‖x‖² <= 1 and x₀ >= 2 cannot both hold; the violation is stationary at x = (1, 0)
+    x = torch.tensor([0.5, 0.5], dtype=F64, requires_grad=True)
+    res = _run(lambda x: (x ** 2).sum(), x, [co.ineq(lambda: torch.stack([(x ** 2).sum() - 1, 2 - x[0]]))])
+    assert res.status is co.Status.INFEASIBLE and not res.success
+    assert res.violation == pytest.approx(1.0, abs=1e-6)       # the least possible violation
+    assert torch.isfinite(x).all()
+
+
+def test_unbounded_problem_is_reported_unbounded():
+    x = torch.zeros(2, dtype=F64, requires_grad=True)
+    res = _run(lambda x: -x.sum(), x, [co.ineq(lambda: x[0] - x[1] - 1)])
+    assert res.status is co.Status.UNBOUNDED and not res.success
+    assert res.nit < 20 and res.fun < -1e6 and res.violation <= 1e-8
+
+
+def test_bounded_problem_with_tiny_gradient_is_not_called_unbounded():
+    # huge curvature, tiny gradient: early steps expand but the problem is bounded
+    x = torch.tensor([1e-6, 1e-6], dtype=F64, requires_grad=True)
+    res = _run(lambda x: 1e-8 * ((x - 1) ** 2).sum(), x, [co.ineq(lambda: x.sum() - 1)])
+    assert res.status is co.Status.CONVERGED
+    assert torch.allclose(x.detach(), torch.tensor([0.5, 0.5], dtype=F64), atol=1e-6)
+
+
+def test_start_at_the_optimum_converges_without_moving():
+    x = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
+    res = _run(lambda x: ((x - 2) ** 2).sum(), x, [co.ineq(lambda: x.sum() - 2)])
+    assert res.status is co.Status.CONVERGED and res.nit == 0 and res.nfev == 1
+    assert res.multipliers["ineq0"].item() == pytest.approx(2.0)
+
+
+def test_start_on_a_kink_with_zero_subgradient():
+    # nonsmooth Rosenbrock from (1, 1): |x₁² − x₂| = 0 there, and torch's subgradient of |·| at 0 is 0
+    x = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
+    res = _run(lambda x: 8 * (x[0] ** 2 - x[1]).abs() + (1 - x[0]) ** 2, x,
+               [co.ineq(lambda: torch.stack([math.sqrt(2) * x[0] - 1, 2 * x[1] - 1]))])
+    assert res.success
+    assert res.fun == pytest.approx((1 - 1 / math.sqrt(2)) ** 2, rel=1e-6)
+
+
+def test_nan_trial_points_are_rejected_and_never_left_in_the_parameters():
+    # log(x) is NaN for x < 0; the first full step from x = 1 (d = −9) lands at x = −8
+    x = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    seen = []
+
+    def f(x):
+        value = -torch.log(x).sum() + 10 * x.sum()
+        seen.append(float(value))
+        return value
+    res = _run(f, x, [co.ineq(lambda: x - 2.0)])
+    assert any(math.isnan(v) for v in seen)              # a NaN trial really happened
+    assert res.success and torch.isfinite(x).all()
+    assert x.item() == pytest.approx(0.1, rel=1e-6)      # minimizer of −log x + 10x
+    assert all(math.isfinite(h["fun"]) for h in res.history)
+
+
+def test_closure_that_raises_mid_step_leaves_the_last_good_point():
+    x = torch.tensor([3.0, -1.0], dtype=F64, requires_grad=True)
+    calls = {"n": 0}
+    opt = co.ConstrainedSQP([x], [co.ineq(lambda: x.sum() - 1)])
+
+    def closure():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("data loader failed")
+        opt.zero_grad()
+        loss = ((x - torch.tensor([2.0, 2.0], dtype=F64)) ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)                     # evaluates the start (call 1)
+    opt.step(closure)                     # one iteration (call 2 is its first trial)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="data loader"):
+        opt.step(closure)                 # call 3 raises inside the line search
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_certificate_refuses_a_non_kkt_point_at_every_scale(scale):
+    # the first step only evaluates and certifies the start: a feasible, non-stationary point
+    x = torch.tensor([0.3, 0.1], dtype=F64, requires_grad=True)
+    opt = co.ConstrainedSQP([x], [co.ineq(lambda: x.sum() - 1)])
+
+    def closure():
+        opt.zero_grad()
+        loss = scale * ((x - 1) ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    cert = opt.certificate
+    assert not cert.converged and not cert.kkt
+    assert cert.stationarity > 0.1
+
+
+def test_sampled_certificate_is_not_claimed_far_from_the_optimum():
+    # a sampled certificate holds only within sample_radius: the nonsmooth runs must end within
+    # 1e-6 (relative) of the true optimal value whenever they claim convergence
+    fopt = (1 - 1 / math.sqrt(2)) ** 2
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x = (torch.rand(2, generator=gen, dtype=F64) * 6 - 3).requires_grad_()
+        res = _run(lambda x: 8 * (x[0] ** 2 - x[1]).abs() + (1 - x[0]) ** 2, x,
+                   [co.ineq(lambda: torch.stack([math.sqrt(2) * x[0] - 1, 2 * x[1] - 1]))])
+        if res.success:
+            assert abs(res.fun - fopt) <= 1e-6 * fopt
+    assert res.certificate.samples >= 1
+
+
+def test_lbfgs_and_dense_reach_the_same_answer():
+    answers = []
+    for memory in (None, 3):
+        x = torch.tensor([2.0, 0.0, -1.0], dtype=F64, requires_grad=True)
+        res = _run(lambda x: (x ** 4).sum() + ((x - 1) ** 2).sum(), x,
+                   [co.eq(lambda: (x ** 2).sum() - 1), co.ineq(lambda: -x[0])], memory=memory)
+        assert res.success
+        answers.append(x.detach().clone())
+    assert torch.allclose(answers[0], answers[1], atol=1e-6)
