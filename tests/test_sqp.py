@@ -130,3 +130,47 @@ def test_lbfgs_and_dense_reach_the_same_answer():
         assert res.success
         answers.append(x.detach().clone())
     assert torch.allclose(answers[0], answers[1], atol=1e-6)
+
+
+# ------------------------------------------------------------------ random convex problems vs SLSQP
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(2, 8), p=st.integers(1, 6), with_eq=st.booleans())
+def test_random_convex_problems_match_slsqp(seed, n, p, with_eq):
+    """min ½xᵀPx + qᵀx  s.t.  Gx <= h,  ‖x‖² <= 4,  (aᵀx = b): a strictly convex problem with a unique
+    solution, feasible by construction (x = 0 is strictly feasible); SLSQP is the independent oracle."""
+    optimize = pytest.importorskip("scipy.optimize")
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.randn(n, n, generator=gen, dtype=F64)
+    P = B @ B.T + 0.5 * torch.eye(n, dtype=F64)
+    q = 3 * torch.randn(n, generator=gen, dtype=F64)
+    G = torch.randn(p, n, generator=gen, dtype=F64)
+    h = torch.rand(p, generator=gen, dtype=F64) + 0.1
+    a = torch.randn(n, generator=gen, dtype=F64)
+    b = 0.1 * float(torch.randn(1, generator=gen, dtype=F64))
+
+    x = torch.zeros(n, dtype=F64, requires_grad=True)
+    cons = [co.ineq(lambda: G @ x - h, name="linear"), co.ineq(lambda: (x ** 2).sum() - 4, name="ball")]
+    if with_eq:
+        cons.append(co.eq(lambda: a @ x - b, name="plane"))
+    res = co.minimize(lambda: 0.5 * x @ P @ x + q @ x, [x], cons, max_iter=500)
+
+    Pn, qn, Gn, hn, an = (t.numpy() for t in (P, q, G, h, a))
+    scipy_cons = [{"type": "ineq", "fun": lambda z: hn - Gn @ z, "jac": lambda z: -Gn},
+                  {"type": "ineq", "fun": lambda z: 4 - z @ z, "jac": lambda z: -2 * z}]
+    if with_eq:
+        scipy_cons.append({"type": "eq", "fun": lambda z: an @ z - b, "jac": lambda z: an[None]})
+    objective = (lambda z: 0.5 * z @ Pn @ z + qn @ z)
+    ref = optimize.minimize(objective, torch.zeros(n, dtype=F64).numpy(), jac=lambda z: Pn @ z + qn,
+                            constraints=scipy_cons, method="SLSQP", options={"ftol": 1e-12, "maxiter": 1000})
+    if not ref.success:   # SLSQP's own line search sometimes gives up: ask SciPy's other solver
+        ref = optimize.minimize(objective, torch.zeros(n, dtype=F64).numpy(), jac=lambda z: Pn @ z + qn,
+                                hess=lambda z: Pn, constraints=scipy_cons, method="trust-constr",
+                                options={"gtol": 1e-12, "xtol": 1e-14, "maxiter": 5000})
+    assert ref.success, ref.message
+    assert res.success, res.certificate
+    assert res.violation <= 1e-8
+    assert abs(res.fun - ref.fun) <= 1e-6 * max(1.0, abs(ref.fun))
+    assert float((x.detach() - torch.from_numpy(ref.x)).abs().max()) <= 1e-4
