@@ -430,7 +430,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
         g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
                       torch.finfo(_WORK).tiny)
         J = point.jacobian()
-        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq)
+        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq, st.get("fit"))
+        st["fit"] = meas.qp
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:
             radius = self._radius * max(1.0, float(point.x.abs().max()))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .qp import solve_box_qp, solve_qp
+from .qp import QPResult, solve_box_qp, solve_qp
 
 
 @dataclass
@@ -33,9 +33,11 @@ class Stationarity:
     complementarity: float
     multipliers: Tensor  # (m,) λ = Σ_j λ_j, in the units of f per unit of c
     solved: bool
+    qp: QPResult | None = None  # the fit at one point (k = 1): a warm start for the next fit
 
 
-def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float) -> Stationarity:
+def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float,
+            warm_start: QPResult | None = None) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
 
     Args:
@@ -45,6 +47,7 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
         p: number of inequality rows.
         g_scale: the gradient scale ``s`` (positive).
         tol_ineq: inequality feasibility tolerance (sets ``κ``).
+        warm_start: the ``qp`` of an earlier single-point measure with the same m (speed only).
     """
     k, m, n = jacobians.shape
     dtype, device = grads.dtype, grads.device
@@ -63,8 +66,11 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     lower[:p] = 0.0
     upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))
     lower = torch.where(live, lower, torch.zeros_like(c))
+    qp = None
     if k == 1:
-        lam_unit, r, solved = _single(g[0], J[0], kappa, lower, upper)
+        qp = solve_box_qp(J[0] @ J[0].T + torch.diag(kappa * kappa), J[0] @ g[0], lower, upper,
+                          warm_start=warm_start)
+        lam_unit, r, solved = qp.z, g[0] + J[0].T @ qp.z, bool(qp.solved)
     else:
         lam_unit, r, solved = _sampled(g, J, kappa, lower, upper)
     lam = lam_unit / unit * g_scale
@@ -75,14 +81,8 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
         complementarity=float(comp.max() / g_scale) if p else 0.0,
         multipliers=lam,
         solved=solved,
+        qp=qp,
     )
-
-
-def _single(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
-    Q = J @ J.T + torch.diag(kappa * kappa)
-    res = solve_box_qp(Q, J @ g, lower, upper)
-    lam = res.z
-    return lam, g + J.T @ lam, bool(res.solved)
 
 
 def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):

@@ -58,6 +58,7 @@ class Steering:
     def __init__(self, c_v: float = 0.1, c_mu: float = 0.9, max_reductions: int = 10, slack: float = 0.0,
                  qp_tol: float = 1e-10, backend: str = "builtin"):
         self.c_v, self.c_mu, self.max_reductions, self.slack = c_v, c_mu, max_reductions, slack
+        self._warm = None
         self.qp_tol, self.backend = qp_tol, backend
 
     def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
@@ -76,7 +77,12 @@ class Steering:
         v = float(violation(c, p))
 
         def solve(mus: Tensor):
-            res = solve_box_qp(M, mus[:, None] * Jg - c, lower, upper, tol=self.qp_tol, backend=self.backend)
+            # the previous iteration's answer seeds the active set (same shapes: the first batch)
+            warm = self._warm if self._warm is not None and self._warm.z.shape == (mus.numel(), m) else None
+            res = solve_box_qp(M, mus[:, None] * Jg - c, lower, upper, tol=self.qp_tol, warm_start=warm,
+                               backend=self.backend)
+            if mus.numel() == 2:
+                self._warm = res
             Y = res.z.to(c.dtype)
             JD = -(mus[:, None] * Jg + Y @ M)               # J d for every candidate, (K, m)
             ell = v - violation(c + JD, p)
