@@ -2,7 +2,7 @@
 
 One ``step(closure)`` is one outer iteration of (Curtis, Mitchell & Overton 2017)::
 
-    d, μ  ← steered penalty-QP direction at x                      (steering.py, qp.py)
+    d, μ  ← steered penalty-QP direction at x                      (steering.py, qp/)
     t     ← weak Wolfe line search on φ(·; μ) = μ f + v along d     (linesearch.py)
     x₊    = x + t d
     H     ← damped BFGS update with s = x₊ − x and the change of the gradient of the
