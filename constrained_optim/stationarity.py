@@ -51,9 +51,6 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     """
     k, m, n = jacobians.shape
     dtype, device = grads.dtype, grads.device
-    if m == 0:
-        r = grads[0] / g_scale
-        return Stationarity(float(r.abs().max()) if n else 0.0, 0.0, torch.zeros(0, dtype=dtype, device=device), True)
     row_norm = torch.linalg.vector_norm(jacobians[0], dim=1)
     live = row_norm > 0
     unit = torch.where(live, row_norm, torch.ones_like(row_norm))

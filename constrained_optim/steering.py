@@ -43,9 +43,7 @@ class Direction:
     d: Tensor             # (n,) search direction
     mu: float             # penalty parameter it was computed for
     y: Tensor             # (m,) dual solution (QP multipliers, μ-scaled)
-    predicted: float      # ℓ(d), predicted violation reduction
-    predicted_ref: float  # ℓ(d(0)), the best predicted reduction
-    qp_ok: bool           # every QP used was solved
+    qp_ok: bool           # the QP that gave d was solved
 
 
 class Steering:
@@ -64,9 +62,6 @@ class Steering:
     def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
         """The steered direction at a point with gradient ``g``, constraints ``c`` and Jacobian ``J``."""
         m = c.numel()
-        if m == 0:
-            d = -H.apply(g) * mu
-            return Direction(d, mu, c.new_zeros(0), 0.0, 0.0, True)
         HV = H.apply(torch.cat([g[:, None], J.T], dim=1))  # [H∇f, HJᵀ] in one application
         Hg, HJt = HV[:, 0], HV[:, 1:]
         M = J @ HJt
@@ -94,12 +89,12 @@ class Steering:
         Y, ell, ok = solve(c.new_tensor([mu, 0.0]))
         ell_mu, ell_ref = float(ell[0]), float(ell[1])
         if ell_mu >= self.c_v * v - slack or ell_mu >= self.c_v * ell_ref - slack:
-            return self._make(Hg, HJt, mu, Y[0], ell_mu, ell_ref, bool(ok[0]))
+            return self._make(Hg, HJt, mu, Y[0], bool(ok[0]))
         mus = self._candidates(mu, c)
         Yr, ellr, okr = solve(mus)
         passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
         i = int(passed[0]) if passed.numel() else mus.numel() - 1
-        return self._make(Hg, HJt, float(mus[i]), Yr[i], float(ellr[i]), ell_ref, bool(okr[i]))
+        return self._make(Hg, HJt, float(mus[i]), Yr[i], bool(okr[i]))
 
     def _candidates(self, mu: float, c: Tensor) -> Tensor:
         """μ c_μ^j (j = 1..max_reductions), then μ c_μ^max_reductions 10^-k (k = 1..6)."""
@@ -109,5 +104,5 @@ class Steering:
         return mu * torch.cat([self.c_mu ** j, last * 10.0 ** -k])
 
     @staticmethod
-    def _make(Hg, HJt, mu, y, ell, ell_ref, ok) -> Direction:
-        return Direction(-(mu * Hg + HJt @ y), mu, y, ell, ell_ref, ok)
+    def _make(Hg, HJt, mu, y, ok) -> Direction:
+        return Direction(-(mu * Hg + HJt @ y), mu, y, ok)

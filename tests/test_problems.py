@@ -98,7 +98,7 @@ def test_x_opt_first_order_kkt():
             continue
         x = torch.tensor(prob.x_opt, dtype=torch.float64, requires_grad=True)
         (g,) = torch.autograd.grad(prob.f(x), x)
-        cols, signs = [], []
+        cols = []
         if prob.ineq is not None:
             J = torch.autograd.functional.jacobian(prob.ineq, x.detach())
             act = prob.ineq(x.detach()) > -1e-7

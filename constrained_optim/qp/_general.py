@@ -67,7 +67,6 @@ def _max_step(v: Tensor, dv: Tensor, rows: Tensor) -> Tensor:
 def _ipm(P: _Problem, tol: float, max_iter: int, residual_fn, polish_guess: Tensor | None):
     """Mehrotra predictor-corrector. Returns z, lam, nu, iterations, residual."""
     B, n = P.p.shape
-    m, k = P.h.shape[-1], P.b.shape[-1]
     rows = P.rows
     rowf = rows.to(_F64)
     count = rowf.sum(-1).clamp(min=1)
