@@ -61,6 +61,10 @@ class _Point:
     def finite(self) -> bool:
         return math.isfinite(self.f) and bool(torch.isfinite(self.g).all()) and bool(torch.isfinite(self.c).all())
 
+    @property
+    def jacobian_finite(self) -> bool:
+        return bool(torch.isfinite(self.jacobian()).all())
+
 
 class ConstrainedSQP(torch.optim.Optimizer):
     r"""Minimize ``f(x)`` subject to ``c_I(x) <= 0`` and ``c_E(x) = 0`` by BFGS-SQP with steering.
@@ -240,8 +244,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
         if not point.finite:
             raise ValueError(f"the objective, its gradient or a constraint is not finite at the starting point "
                              f"(f={point.f}); start from a point where everything is finite")
-        point.jacobian()
-        if not bool(torch.isfinite(point.J).all()):
+        if not point.jacobian_finite:
             raise ValueError("a constraint gradient is not finite at the starting point")
         if "x" not in st:
             st["mu"] = float(self.defaults["mu0"])
@@ -269,8 +272,8 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 H.reset()
                 continue
             mu = direction.mu
-            d = direction.d if direction.qp_ok else -self._grad_phi(point, mu)
             gphi = self._grad_phi(point, mu)
+            d = direction.d if direction.qp_ok else -gphi
             g0 = float(gphi.dot(d))
             phi0 = self._phi(point, mu)
             result = None
@@ -353,7 +356,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             return None
         correction = -Ja.T @ torch.cholesky_solve(r[:, None], L)[:, 0]
         corrected = self._evaluate(closure, trial.x + correction)
-        if not corrected.finite or not bool(torch.isfinite(corrected.jacobian()).all()):
+        if not corrected.finite or not corrected.jacobian_finite:
             return None
         return corrected
 
@@ -364,8 +367,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
                 return math.inf, lambda: math.nan, trial
 
             def slope() -> float:
-                J = trial.jacobian()
-                if not bool(torch.isfinite(J).all()):
+                if not trial.jacobian_finite:
                     return math.nan
                 return float(self._grad_phi(trial, mu).dot(d))
             return self._phi(trial, mu), slope, trial
@@ -380,7 +382,7 @@ class ConstrainedSQP(torch.optim.Optimizer):
             radius = self._radius * max(1.0, float(point.x.abs().max()))
             u = torch.randn(point.x.shape, generator=self._generator, dtype=_WORK).to(point.x.device)
             trial = self._evaluate(closure, point.x + radius * u / u.norm())
-            if trial.finite and bool(torch.isfinite(trial.jacobian()).all()):
+            if trial.finite and trial.jacobian_finite:
                 st["hessian"].reset()
                 st["iteration"] += 1
                 self._accept_bookkeeping(trial, Status.IN_PROGRESS)

@@ -51,9 +51,7 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     """
     k, m, n = jacobians.shape
     dtype, device = grads.dtype, grads.device
-    row_norm = torch.linalg.vector_norm(jacobians[0], dim=1)
-    live = row_norm > 0
-    unit = torch.where(live, row_norm, torch.ones_like(row_norm))
+    unit, live = _row_norms(jacobians[0])
     J = jacobians / unit[:, None]                       # unit rows at the current point
     g = grads / g_scale
     kappa = torch.zeros_like(c)
@@ -113,8 +111,8 @@ def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) 
     over the violated and nearly active rows (the QP minimizes ‖Jᵀy‖₂). Rows are normalized, so the
     measure does not depend on the scaling of the constraints.
     """
-    norms = torch.linalg.vector_norm(J, dim=1)
-    unit = J / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+    norms, _ = _row_norms(J)
+    unit = J / norms[:, None]
     ci, ce = c[:p], c[p:]
     lower = torch.cat([(ci > tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), -torch.ones_like(ce))])
     upper = torch.cat([(ci >= -tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), torch.ones_like(ce))])
@@ -122,3 +120,10 @@ def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) 
     if not bool(res.solved):
         return float("inf")
     return float((unit.T @ res.z).abs().max())
+
+
+def _row_norms(J: Tensor) -> tuple[Tensor, Tensor]:
+    """Row 2-norms of J with 1 for zero rows (safe divisors), and which rows are nonzero."""
+    norms = torch.linalg.vector_norm(J, dim=-1)
+    live = norms > 0
+    return torch.where(live, norms, torch.ones_like(norms)), live

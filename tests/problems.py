@@ -642,6 +642,15 @@ HS_PROBLEMS: list[Problem] = _build_hs()
 # Equality-constrained convex QPs: closed-form KKT solution.
 # ---------------------------------------------------------------------------
 
+def _quadratic(Pm: np.ndarray, qv: np.ndarray) -> Callable[[Tensor], Tensor]:
+    """x ↦ ½ xᵀ P x + qᵀx in the dtype and on the device of x."""
+    def f(x):
+        Pt = torch.as_tensor(Pm, dtype=x.dtype, device=x.device)
+        qt = torch.as_tensor(qv, dtype=x.dtype, device=x.device)
+        return 0.5 * x @ (Pt @ x) + qt @ x
+    return f
+
+
 def _eq_qp(n: int, q: int, seed: int) -> Problem:
     rng = np.random.default_rng(seed)
     M = rng.standard_normal((n, n))
@@ -654,10 +663,7 @@ def _eq_qp(n: int, q: int, seed: int) -> Problem:
     xs = sol[:n]
     fs = float(0.5 * xs @ Pm @ xs + qv @ xs)
 
-    def f(x):
-        Pt = torch.as_tensor(Pm, dtype=x.dtype, device=x.device)
-        qt = torch.as_tensor(qv, dtype=x.dtype, device=x.device)
-        return 0.5 * x @ (Pt @ x) + qt @ x
+    f = _quadratic(Pm, qv)
 
     def eq(x):
         At = torch.as_tensor(A, dtype=x.dtype, device=x.device)
@@ -722,10 +728,7 @@ def _cvx_reference() -> tuple[float, tuple[float, ...]]:
 def _cvx_problem() -> Problem:
     Pm, qv, G, h = _cvx_data()
 
-    def f(x):
-        Pt = torch.as_tensor(Pm, dtype=x.dtype, device=x.device)
-        qt = torch.as_tensor(qv, dtype=x.dtype, device=x.device)
-        return 0.5 * x @ (Pt @ x) + qt @ x
+    f = _quadratic(Pm, qv)
 
     def ineq(x):
         Gt = torch.as_tensor(G, dtype=x.dtype, device=x.device)
