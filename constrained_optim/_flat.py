@@ -53,6 +53,12 @@ class FlatParams:
         for p, chunk in zip(self.params, x.split(self.numels)):
             p.copy_(chunk.view_as(p))
 
+    @torch.no_grad()
+    def set_grad(self, g: Tensor) -> None:
+        """Write the vector ``g`` into the parameters' ``.grad``."""
+        for p, chunk in zip(self.params, g.split(self.numels)):
+            p.grad = chunk.view_as(p).clone()
+
     def grad(self) -> Tensor:
         """The parameters' ``.grad`` as one vector (a missing grad counts as zero)."""
         chunks = []

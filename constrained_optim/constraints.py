@@ -97,17 +97,27 @@ def eq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = Non
     return Constraint(fn, "eq", name, fold)
 
 
-def canonical(constraints: Sequence[Constraint] | None) -> list[Constraint]:
-    """Validate a user's constraint list; order inequalities first; give every constraint a unique name."""
+def canonical(constraints: Sequence | None) -> list[Constraint]:
+    """Validate a user's constraint list; state sets (``co.Box``, ...) as constraints; order inequalities
+    first; give every constraint a unique name."""
+    from .sets import Set
+
     if constraints is None:
         return []
-    if isinstance(constraints, Constraint):
+    if isinstance(constraints, (Constraint, Set)):
         constraints = [constraints]
-    constraints = list(constraints)
-    for i, c in enumerate(constraints):
-        if not isinstance(c, Constraint):
-            raise TypeError(
-                f"constraints[{i}] is a {type(c).__name__}; build constraints with co.ineq(fn) or co.eq(fn)")
+    expanded, set_counts = [], {}
+    for i, c in enumerate(list(constraints)):
+        if isinstance(c, Set):
+            kind = type(c).__name__.lower()
+            expanded += c.as_constraint(c.name or f"{kind}{set_counts.get(kind, 0)}")
+            set_counts[kind] = set_counts.get(kind, 0) + 1
+        elif isinstance(c, Constraint):
+            expanded.append(c)
+        else:
+            raise TypeError(f"constraints[{i}] is a {type(c).__name__}; build constraints with co.ineq(fn), "
+                            "co.eq(fn) or a set such as co.Box(param, lower, upper)")
+    constraints = expanded
     counts = {"ineq": 0, "eq": 0}
     named = []
     for c in constraints:
@@ -142,13 +152,23 @@ class ConstraintValues:
     def m(self) -> int:
         return self.c.numel()
 
-    def vjp(self, w: Tensor) -> Tensor:
-        """``Jᵀ w`` (n,) by one backward pass; the graph is kept for further products."""
+    def vjp(self, w: Tensor, retain_graph: bool = True) -> Tensor:
+        """``Jᵀ w`` (n,) by one backward pass (``retain_graph``: keep the graph for further products)."""
+        return self._flat.flatten(self.vjp_per_param(w, retain_graph))
+
+    def vjp_per_param(self, w: Tensor, retain_graph: bool = True) -> tuple[Tensor | None, ...]:
+        """``Jᵀ w`` split by parameter (None where a parameter does not enter any constraint)."""
         if self.m == 0:
-            return torch.zeros(self._flat.n, dtype=self._flat.dtype, device=self._flat.device)
-        grads = torch.autograd.grad(self._graph, self._flat.params, grad_outputs=w.to(self._graph.dtype),
-                                    retain_graph=True, allow_unused=True)
-        return self._flat.flatten(grads)
+            return (None,) * len(self._flat.params)
+        return torch.autograd.grad(self._graph, self._flat.params, grad_outputs=w.to(self._graph.dtype),
+                                   retain_graph=retain_graph, allow_unused=True)
+
+    def backward(self, w: Tensor, loss: Tensor | None = None) -> None:
+        """Accumulate ``∇loss + Jᵀ w`` into the parameters' ``.grad`` by ONE backward pass (frees the graph)."""
+        outputs = ([loss] if loss is not None else []) + ([self._graph] if self.m else [])
+        grads = ([torch.ones_like(loss)] if loss is not None else []) + ([w.to(self._graph.dtype)] if self.m else [])
+        if outputs:
+            torch.autograd.backward(outputs, grads)
 
     def jacobian(self) -> Tensor:
         """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``).

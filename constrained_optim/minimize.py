@@ -7,11 +7,39 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .augmented_lagrangian import AugmentedLagrangian
 from .certificate import Certificate, OptimizeResult, Status
 from .constraints import Constraint
+from .penalty import Penalty
+from .projected_gradient import ProjectedGradient
 from .sqp import ConstrainedSQP
 
-_METHODS = {"sqp": ConstrainedSQP}
+_METHODS = ("sqp", "alm", "penalty", "pgd")
+
+
+def _lbfgs(param_groups):
+    """The inner solver of "alm" and "penalty" in scripts: deterministic problems, solved accurately."""
+    return torch.optim.LBFGS(param_groups, lr=1.0, max_iter=100, history_size=20, tolerance_grad=1e-12,
+                             tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+
+def _build(method: str, params: list, constraints, options: dict) -> torch.optim.Optimizer:
+    if method == "sqp":
+        return ConstrainedSQP(params, constraints, **options)
+    if method == "pgd":
+        options.setdefault("step", "spg")
+        return ProjectedGradient(params, constraints=constraints, **options)
+    if "optimizer" not in options:
+        # each step solves the inner problem (LBFGS), so the classical outer loop applies: update the
+        # multipliers after every inner solve and grow the penalty when the violation stalls
+        options["optimizer"] = _lbfgs
+        options.setdefault("update_every", 1)
+        if method == "alm":
+            options.setdefault("penalty_growth", 10.0)
+        else:
+            options.setdefault("max_penalty", 1e8)
+    cls = AugmentedLagrangian if method == "alm" else Penalty
+    return cls(params, constraints, **options)
 
 
 def minimize(objective: Callable[[], Tensor], params: Iterable[Tensor],
@@ -24,7 +52,12 @@ def minimize(objective: Callable[[], Tensor], params: Iterable[Tensor],
         objective: zero-argument callable returning the scalar loss tensor (no ``backward`` needed).
         params: the tensors to optimize (``requires_grad=True``); they hold the returned point at the end.
         constraints: :func:`ineq` / :func:`eq` constraints.
-        method: ``"sqp"`` (:class:`ConstrainedSQP`).
+        method: ``"sqp"`` (:class:`ConstrainedSQP`, the default), ``"alm"`` (:class:`AugmentedLagrangian`),
+            ``"penalty"`` (:class:`Penalty`) or ``"pgd"`` (:class:`ProjectedGradient`, sets only). For
+            "alm" and "penalty" the inner solver defaults to ``torch.optim.LBFGS`` (strong Wolfe, up to
+            100 iterations per step) with multipliers updated after every step, the ALM penalty grows
+            10× when the violation does not fall 4×, the quadratic penalty up to 1e8; "pgd" defaults to ``step="spg"``. These three are
+            certified by :meth:`certify` after every step (one extra closure call and Jacobian).
         tol: stationarity tolerance (``tol_opt`` of the optimizer); feasibility tolerances are options.
         max_iter: iteration limit.
         callback: called with the certificate after every iteration; returning True stops the run.
@@ -37,13 +70,13 @@ def minimize(objective: Callable[[], Tensor], params: Iterable[Tensor],
         best feasible iterate is returned (``returned="best_feasible"``) and the message says so.
     """
     if method not in _METHODS:
-        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
+        raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
     params = list(params)
     if tol is not None:
         options["tol_opt"] = tol
-    opt = _METHODS[method](params, constraints, **options)
+    opt = _build(method, params, constraints, options)
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -55,23 +88,30 @@ def minimize(objective: Callable[[], Tensor], params: Iterable[Tensor],
     bar = _progress_bar(max_iter) if progress else None
     history = []
     start = time.perf_counter()
-    opt.step(closure)   # evaluates and certifies the starting point
+    if method == "sqp":
+        opt.step(closure)   # evaluates and certifies the starting point
+    else:
+        opt.certify(closure)
     status = _record(opt, history, start, bar)
     while not opt.certificate.status.terminal and opt.certificate.status is not Status.CONVERGED:
-        if opt.certificate.iteration >= max_iter:
+        if len(history) > max_iter:
             status = Status.MAX_ITER
             break
         if time_limit is not None and time.perf_counter() - start > time_limit:
             status = Status.TIME_LIMIT
             break
         opt.step(closure)
+        if method != "sqp":
+            stop = opt.certificate.status          # a stall reported by the step itself
+            if not opt.certify(closure).converged and stop.terminal:
+                opt.certificate.status = stop
         status = _record(opt, history, start, bar)
         if callback is not None and callback(opt.certificate):
             status = Status.CALLBACK
             break
     if bar is not None:
         bar.close()
-    return _result(opt, params, closure, status, history)
+    return _result(opt, params, closure, status, history, method)
 
 
 def _record(opt, history: list, start: float, bar) -> Status:
@@ -85,7 +125,7 @@ def _record(opt, history: list, start: float, bar) -> Status:
     return cert.status
 
 
-def _result(opt, params: list, closure, status: Status, history: list) -> OptimizeResult:
+def _result(opt, params: list, closure, status: Status, history: list, method: str) -> OptimizeResult:
     cert = opt.certificate
     nit = cert.iteration
     returned, note = "last", ""
@@ -93,7 +133,10 @@ def _result(opt, params: list, closure, status: Status, history: list) -> Optimi
     if not cert.feasible and best is not None:
         # re-evaluate and certify the returned point itself, so that every number describes it
         opt.load_point(best["x"])
-        opt.step(closure)
+        if method == "sqp":
+            opt.step(closure)
+        else:
+            opt.certify(closure)
         cert = opt.certificate
         returned = "best_feasible"
         note = f"; the last iterate is infeasible, returning the best feasible iterate (iteration {best['iteration']})"

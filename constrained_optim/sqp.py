@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import stationarity
 from ._flat import FlatParams
+from ._wrapped import PointRecord
 from .certificate import Certificate, Status
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .hessian import LBFGS, DenseBFGS
@@ -66,7 +67,7 @@ class _Point:
         return bool(torch.isfinite(self.jacobian()).all())
 
 
-class ConstrainedSQP(torch.optim.Optimizer):
+class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
     r"""Minimize ``f(x)`` subject to ``c_I(x) <= 0`` and ``c_E(x) = 0`` by BFGS-SQP with steering.
 
     ``step(closure)`` performs one outer iteration; the closure is the ordinary torch.optim closure
@@ -168,23 +169,9 @@ class ConstrainedSQP(torch.optim.Optimizer):
                                                           tol_eq=self._tol_eq))
 
     @property
-    def best_feasible(self) -> dict | None:
-        """``{"x": flat tensor, "f": float, "iteration": int}`` of the lowest objective among feasible iterates."""
-        return self._state.get("best_feasible")
-
-    @property
     def most_feasible(self) -> dict | None:
         """``{"x": flat tensor, "violation": float, "iteration": int}`` of the least violating iterate."""
         return self._state.get("most_feasible")
-
-    @property
-    def nfev(self) -> int:
-        """Closure calls so far."""
-        return self._state.get("nfev", 0)
-
-    def load_point(self, x: Tensor) -> None:
-        """Write a flat point (e.g. ``best_feasible["x"]``) into the parameters; the next step re-evaluates."""
-        self._flat.set(x.to(self._flat.dtype))
 
     # ------------------------------------------------------------------------------------ evaluation
     def _evaluate(self, closure: Callable[[], Tensor], x: Tensor) -> _Point:
