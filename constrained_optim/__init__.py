@@ -7,11 +7,12 @@ from .certificate import Certificate, OptimizeResult, Status
 from .constraints import Constraint, eq, ineq
 from .minimize import minimize
 from .penalty import Penalty
+from .plotting import plot_history
 from .projected_gradient import ProjectedGradient
 from .sets import Ball, Box, NonNegative, Set, Simplex, Sphere, Stiefel
 from .sqp import ConstrainedSQP
 
 __all__ = ["AugmentedLagrangian", "Ball", "Box", "Certificate", "ConstrainedSQP", "Constraint", "NonNegative",
            "OptimizeResult", "Penalty", "ProjectedGradient", "Set", "Simplex", "Sphere", "Status", "Stiefel", "eq",
-           "ineq", "minimize"]
+           "ineq", "minimize", "plot_history"]
 __version__ = "0.1.0"

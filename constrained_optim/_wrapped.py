@@ -11,7 +11,7 @@ Jacobian). :class:`ProjectedGradient` shares the closure protocol and the certif
 
 Closure protocol (the ordinary torch.optim one): ``step(closure)`` calls the closure, which zeroes the
 grads, computes the loss and usually calls ``loss.backward()``. If it does *not* call backward, the
-optimizer calls it once on ``f + wᵀc`` (one backward for the loss and the constraints together: the
+optimizer zeroes the grads and calls backward once on ``f + wᵀc`` (one backward for the loss and the constraints together: the
 cheapest path when the constraints reuse the loss's forward pass). ``step()`` without a closure uses the
 grads of a ``loss.backward()`` the user already ran, as with Adam.
 
@@ -22,6 +22,7 @@ batched Jacobian) and is the only way these optimizers report ``CONVERGED``.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from . import stationarity
 from ._flat import FlatParams
-from .certificate import Certificate, Status
+from .certificate import Certificate, Status, violations_by_name
 from .constraints import canonical, evaluate
 
 _WORK = torch.float64
@@ -40,6 +41,21 @@ _WORK = torch.float64
 def default_tolerance(dtype: torch.dtype) -> float:
     """First-order methods: ``max(1e-6, 100 eps)`` (1e-6 for float64, 1.2e-5 for float32)."""
     return max(1e-6, 100 * torch.finfo(dtype).eps)
+
+
+class Shared:
+    """An attribute stored in ``obj._aux``, a dict that Lightning's ``LightningOptimizer`` wrapper shares (it
+    copies the optimizer's ``__dict__`` shallowly): state a method sets through the wrapper (``certify``) is
+    then seen by the optimizer itself."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj._aux.get(self.name)
+
+    def __set__(self, obj, value) -> None:
+        obj._aux[self.name] = value
 
 
 class PointRecord:
@@ -66,11 +82,14 @@ class PointRecord:
 class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
     """Base of the first-order constrained optimizers: parameters, constraints, tolerances, certificate."""
 
+    _cert, _last, _p, _m, _slices, _fit, _g_scale = (Shared() for _ in range(7))
+
     def __init__(self, params: Iterable, constraints: Sequence | None, defaults: dict,
                  tol_opt: float | None, tol_ineq: float | None, tol_eq: float | None):
         for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
             if value is not None:
                 check_positive(name, value)
+        self._aux = {}
         super().__init__(params, defaults)
         self._flat = FlatParams([p for group in self.param_groups for p in group["params"]])
         self._constraints = canonical(constraints)
@@ -84,6 +103,17 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
         self._p = self._m = None
         self._fit = None
         self._g_scale = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a parameter group (the inner optimizer's defaults fill its missing options)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_flat"):
+            group = self.param_groups[-1]
+            inner = getattr(self, "_inner", None)
+            for key, value in ({} if inner is None else inner.defaults).items():
+                group.setdefault(key, value)
+            self._flat = FlatParams([p for g in self.param_groups for p in g["params"]])
+            self._m = None      # the constraints are checked again against the new parameters
 
     # ----------------------------------------------------------------------------------------- state
     # Algorithm state that a checkpoint must carry lives in ``self.state[first parameter]`` (so that
@@ -116,13 +146,18 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
         lam = {} if multipliers is None else {name: multipliers[sl] for name, sl in self._slices.items()}
         return Certificate(stationarity=math.nan, complementarity=math.nan, ineq_violation=ineq, eq_violation=eq,
                            objective=math.nan if loss is None else float(loss), penalty=float(penalty),
-                           multipliers=lam, iteration=iteration, tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
+                           multipliers=lam, violations=violations_by_name(c, self._p, self._slices),
+                           iteration=iteration, tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
                            tol_eq=self._tol_eq)
 
     # ------------------------------------------------------------------------------------ evaluation
-    def _call(self, closure: Callable[[], Tensor]) -> tuple[Tensor, bool]:
-        """Run the closure on zeroed grads; return the loss and whether it ran backward."""
-        self.zero_grad(set_to_none=True)
+    def _call(self, closure: Callable[[], Tensor]) -> tuple[Tensor | None, bool]:
+        """Run the closure; return the loss (None if the closure returned None after running backward) and
+        whether it ran backward.
+
+        The grads are not zeroed here: as with any torch optimizer that is the closure's job, and leaving
+        them lets gradient accumulation (Lightning's ``accumulate_grad_batches``) add up. When the closure
+        does not run backward, the optimizer owns the backward and zeroes the grads before it."""
         ran = [False]
         handles = [p.register_post_accumulate_grad_hook(lambda _: ran.__setitem__(0, True))
                    for p in self._flat.params]
@@ -134,6 +169,10 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
                 handle.remove()
         st = self._state
         st["nfev"] = st.get("nfev", 0) + 1
+        if loss is None and (ran[0] or any(p.grad is not None for p in self._flat.params)):
+            # a closure that only runs backward, or none at all (Lightning's manual optimization passes a
+            # do-nothing closure after the user's own backward): step on the grads as they are
+            return None, True
         if not isinstance(loss, Tensor):
             raise TypeError(f"the closure returned a {type(loss).__name__}; it must return the loss tensor")
         if loss.numel() != 1:
@@ -169,7 +208,10 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
         """
         if closure is None:
             raise ValueError("certify needs a closure that computes the loss")
+        self.zero_grad(set_to_none=True)
         loss, ran = self._call(closure)
+        if loss is None:
+            raise ValueError("certify needs a closure that returns the loss")
         if not ran:
             with torch.enable_grad():
                 loss.backward()
@@ -195,6 +237,7 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
             complementarity=meas.complementarity if solved else math.inf,
             ineq_violation=ineq, eq_violation=eq, objective=f, penalty=self._certificate_penalty(),
             multipliers={name: lam[sl].to(self._flat.dtype) for name, sl in values.slices.items()},
+            violations=violations_by_name(c, values.p, values.slices),
             iteration=st.get("steps", 0), tol_opt=self._tol_opt, tol_ineq=self._tol_ineq, tol_eq=self._tol_eq)
         cert.status = Status.CONVERGED if cert.kkt else Status.IN_PROGRESS
         self._cert = cert
@@ -243,16 +286,20 @@ class PenalizedOptimizer(ConstrainedOptimizer):
             raise ValueError("the inner optimizer LBFGS evaluates several points per step: call step(closure)")
         params = self._flat.params
         x_good = self._flat.get()
-        loss, merit = self._merit_gradient(closure, first=True)
-        if merit is None:
-            return loss
         calls = [0]
 
         def inner_closure():
             calls[0] += 1
             return merit if calls[0] == 1 else self._merit_gradient(closure, first=False)[1]
 
-        self._inner.step(inner_closure if closure is not None else None)
+        try:
+            loss, merit = self._merit_gradient(closure, first=True)
+            if merit is None:
+                return loss
+            self._inner.step(inner_closure if closure is not None else None)
+        except BaseException:
+            self._flat.set(x_good)      # a closure that raised mid-step: keep the last good point
+            raise
         if not all_finite(params):
             self._flat.set(x_good)
             warn_skipped(type(self).__name__, "the inner optimizer's new point")
@@ -284,6 +331,7 @@ class PenalizedOptimizer(ConstrainedOptimizer):
         if ran:
             add_to_grads(self._flat.params, values.vjp_per_param(w, retain_graph=False))
         else:
+            self.zero_grad(set_to_none=True)
             values.backward(w, loss)
         if first and not all_finite(p.grad for p in self._flat.params):
             self._state.clear()
@@ -327,6 +375,7 @@ class InnerOptimizer:
         if any(g is not h for g, h in zip(inner.param_groups, param_groups)) or \
                 len(inner.param_groups) != len(param_groups):
             raise ValueError("the inner optimizer must be built on the parameter groups it is given")
+        inner.param_groups = param_groups      # one list: groups added later reach both optimizers
         return inner
 
 
@@ -339,14 +388,28 @@ def state_dict_with_inner(outer: torch.optim.Optimizer, inner: torch.optim.Optim
 
 def load_state_dict_with_inner(outer: torch.optim.Optimizer, inner: torch.optim.Optimizer | None,
                                state_dict: dict) -> None:
+    """Load outer and inner state; on any mismatch raise ValueError and leave both as they were."""
+    def bad(why: str):
+        return ValueError(f"state_dict does not match this {type(outer).__name__}: {why}")
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise bad("expected a dict with keys 'state' and 'param_groups' (from its state_dict())")
     state_dict = dict(state_dict)
     inner_state = state_dict.pop("inner", None)
     if (inner is None) != (inner_state is None):
-        raise ValueError("the state_dict does not match this optimizer: the inner optimizer's state is "
-                         + ("missing" if inner_state is None else "unexpected"))
-    torch.optim.Optimizer.load_state_dict(outer, state_dict)
+        raise bad("the inner optimizer's state is " + ("missing" if inner_state is None else "unexpected"))
+    backup = copy.deepcopy(torch.optim.Optimizer.state_dict(outer))
+    inner_backup = None if inner is None else copy.deepcopy(inner.state_dict())
+    try:
+        torch.optim.Optimizer.load_state_dict(outer, state_dict)
+        if inner is not None:
+            inner.load_state_dict(inner_state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        torch.optim.Optimizer.load_state_dict(outer, backup)
+        if inner is not None:
+            inner.load_state_dict(inner_backup)
+            inner.param_groups = outer.param_groups
+        raise bad(str(err)) from err
     if inner is not None:
-        inner.load_state_dict(inner_state)
         inner.param_groups = outer.param_groups       # share the group dicts again
 
 

@@ -55,9 +55,10 @@ class Certificate:
     * ``stationarity`` = ‖∇f + J_Iᵀλ_I + J_Eᵀλ_E‖∞ / s, with ``s = max(‖∇f(x)‖∞, ‖∇f(x₀)‖∞)`` and
       multipliers ``λ`` (λ_I >= 0) fitted to the gradients (sampled gradients for nonsmooth problems),
     * ``complementarity`` = max_i λ_i ‖∇c_i‖∞ κ_i / s over inequalities, where κ_i ∈ [0, 1) measures
-      how clearly c_i is inactive (κ_i = σ_i / (σ_i + tol_ineq), σ_i = max(0, −c_i − tol_ineq): constraints
-      within tol_ineq of their bound count as active),
-    * ``ineq_violation`` = max_i max(c_I,i, 0) and ``eq_violation`` = max_j |c_E,j| (absolute).
+      how clearly c_i is inactive (κ_i = σ_i / (σ_i + tol_ineq), σ_i = max(0, −c_i/min(1, ‖∇c_i‖₂) − tol_ineq):
+      constraints whose value and first-order distance to their bound are within tol_ineq count as active),
+    * ``ineq_violation`` = max_i max(c_I,i, 0) and ``eq_violation`` = max_j |c_E,j| (absolute);
+      ``violations`` the same maximum per named constraint.
     """
 
     stationarity: float = float("inf")
@@ -67,6 +68,7 @@ class Certificate:
     objective: float = float("nan")
     penalty: float = 1.0
     multipliers: dict[str, Tensor] = field(default_factory=dict)
+    violations: dict[str, float] = field(default_factory=dict)
     status: Status = Status.IN_PROGRESS
     iteration: int = 0
     samples: int = 1
@@ -103,6 +105,14 @@ class Certificate:
                 f"stationarity={self.stationarity:.3e}{sampled}, complementarity={self.complementarity:.3e}, "
                 f"ineq_violation={self.ineq_violation:.3e}, eq_violation={self.eq_violation:.3e}, "
                 f"penalty={self.penalty:.3e})\n  {self.message}")
+
+
+def violations_by_name(c: Tensor, p: int, slices: dict[str, slice]) -> dict[str, float]:
+    """Max violation of each named constraint: max(c, 0) for inequalities (rows < p), |c| for equalities."""
+    v = c.clone()
+    v[:p] = v[:p].clamp(min=0)
+    v[p:] = v[p:].abs()
+    return {name: float(v[sl].max()) if sl.stop > sl.start else 0.0 for name, sl in slices.items()}
 
 
 class OptimizeResult(dict):

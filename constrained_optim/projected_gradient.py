@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._wrapped import (_WORK, ConstrainedOptimizer, InnerOptimizer, all_finite, check_positive, check_positive_int,
-                       load_state_dict_with_inner, state_dict_with_inner, warn_skipped)
+from ._wrapped import (_WORK, ConstrainedOptimizer, InnerOptimizer, Shared, all_finite, check_positive,
+                       check_positive_int, load_state_dict_with_inner, state_dict_with_inner, warn_skipped)
 from .certificate import Certificate, Status
 from .constraints import Constraint
 from .sets import Set
@@ -53,6 +53,8 @@ class ProjectedGradient(ConstrainedOptimizer):
         **optimizer_options: forwarded to the inner optimizer class.
     """
 
+    _cache = Shared()   # (x, loss, grad) of the last accepted trial point (spg): saves one closure call
+
     def __init__(self, params: Iterable, sets: Sequence[Set] | None = None, constraints: Sequence | None = None,
                  optimizer=None, *, lr: float = 1e-3, step: str = "fixed", apgd_steps: int | None = None,
                  tol_opt: float | None = None, tol_ineq: float | None = None, tol_eq: float | None = None,
@@ -75,7 +77,7 @@ class ProjectedGradient(ConstrainedOptimizer):
         _check_sets_on_params(all_sets, self._flat.params)
         self._inner = (InnerOptimizer.build(optimizer, self.param_groups, optimizer_options)
                        if optimizer is not None else None)
-        self._cache = None   # (x, loss, grad) of the last accepted trial point (spg): saves one closure call
+        self._cache = None
 
     @property
     def sets(self) -> list[Set]:
@@ -144,17 +146,21 @@ class ProjectedGradient(ConstrainedOptimizer):
         if "steps" not in self._state:
             self.project()      # start from a point of the sets
         x = self._flat.get()
-        loss, g = self._loss_and_grad(closure, x)
-        if not all_finite([loss, g]):
-            warn_skipped("ProjectedGradient", "the loss or its gradient")
-            return loss
-        status = Status.IN_PROGRESS
-        if rule == "fixed":
-            self._fixed(g)
-        elif rule == "spg":
-            status = self._spg(closure, x, loss, g)
-        else:
-            self._apgd(x, loss, g)
+        try:
+            loss, g = self._loss_and_grad(closure, x)
+            if not all_finite([loss, g]):
+                warn_skipped("ProjectedGradient", "the loss or its gradient")
+                return loss
+            status = Status.IN_PROGRESS
+            if rule == "fixed":
+                self._fixed(g)
+            elif rule == "spg":
+                status = self._spg(closure, x, loss, g)
+            else:
+                self._apgd(x, loss, g)
+        except BaseException:
+            self._flat.set(x)           # a closure that raised mid-step: keep the last good point
+            raise
         if not all_finite(self._flat.params):
             self._flat.set(x)
             warn_skipped("ProjectedGradient", "the new point")
@@ -173,7 +179,12 @@ class ProjectedGradient(ConstrainedOptimizer):
                                  "loss.backward() run before it; or pass a closure")
             return None, self._flat.grad()
         loss, ran = self._call(closure)
+        if loss is None:
+            if self.defaults["step"] != "fixed":
+                raise ValueError(f"step={self.defaults['step']!r} needs a closure that returns the loss")
+            return None, self._flat.grad()
         if not ran:
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss.backward()
         return loss.detach(), self._flat.grad()
@@ -205,6 +216,7 @@ class ProjectedGradient(ConstrainedOptimizer):
                 return Status.STALLED_FEASIBLE      # P_S(x − α∇f) = x: no projected descent left
             f_trial, ran = self._call(closure)
             if not ran:
+                self.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     f_trial.backward()
             f_trial = f_trial.detach()

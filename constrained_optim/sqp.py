@@ -15,6 +15,7 @@ parameters keep their own dtype and device.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from torch import Tensor
 from . import stationarity
 from ._flat import FlatParams
 from ._wrapped import PointRecord
-from .certificate import Certificate, Status
+from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .hessian import LBFGS, DenseBFGS
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
+from .qp import QPResult
 from .steering import Steering, violation, violation_weights
 
 _WORK = torch.float64
@@ -136,9 +138,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                         ngrad=ngrad, sample_radius=sample_radius, damping=damping, qp_solver=qp_solver,
                         seed=seed)
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError("ConstrainedSQP optimizes all parameters jointly: pass one parameter group")
-        self._flat = FlatParams(self.param_groups[0]["params"])
+        self._flat = FlatParams([p for group in self.param_groups for p in group["params"]])
         self._constraints = canonical(constraints)
         if not self._constraints:
             raise ValueError("ConstrainedSQP got no constraints: pass constraints=[co.ineq(fn), co.eq(fn), ...]; "
@@ -161,6 +161,78 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
     @property
     def _state(self) -> dict:
         return self.state[self._flat.params[0]]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add parameters. All groups are optimized jointly and the options are global: a group may not
+        override them. Adding a group after the first step restarts the method on the enlarged problem."""
+        overrides = sorted(k for k in param_group if k != "params" and k in self.defaults
+                           and param_group[k] != self.defaults[k])
+        if overrides:
+            raise ValueError(f"ConstrainedSQP options are global (all parameters form one problem); a parameter "
+                             f"group cannot override {overrides}")
+        super().add_param_group(param_group)
+        if hasattr(self, "_flat"):
+            self._flat = FlatParams([p for group in self.param_groups for p in group["params"]])
+            self.state.clear()
+            self._steering.reset()
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to repeat the uninterrupted one exactly: the iterate, μ, the
+        BFGS/L-BFGS memory, the sampled gradients, counters, best points, the QP warm starts, the RNG of
+        the kink perturbation and the certificate. Plain tensors and Python values only (loads with
+        ``torch.load(weights_only=True)``)."""
+        st = self._state
+        saved = {k: st[k] for k in _SCALARS if k in st}
+        if "x" in st:
+            H = st["hessian"]
+            saved.update(
+                x=st["x"], hessian=dict(H.state_dict(), kind="dense" if isinstance(H, DenseBFGS) else "lbfgs"),
+                samples=[list(sample) for sample in st["samples"]],
+                samples_maxlen=st["samples"].maxlen,
+                certificate=_certificate_to_dict(st["certificate"]))
+            for key in ("best_feasible", "most_feasible"):
+                if st.get(key) is not None:
+                    saved[key] = dict(st[key])
+            if st.get("fit") is not None:
+                saved["fit"] = dataclasses.asdict(st["fit"])
+            if self._steering.warm is not None:
+                saved["steering_warm"] = dataclasses.asdict(self._steering.warm)
+        saved["generator"] = self._generator.get_state()
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])}
+                  for g in self.param_groups]
+        return {"state": saved, "param_groups": groups, "n": self._flat.n}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`. The parameters themselves are not part of it (restore them with the
+        model's own ``load_state_dict``); the next ``step`` re-evaluates the saved point (one closure call)
+        and continues exactly where the saved run was. A state_dict that does not match this optimizer
+        raises ``ValueError`` and leaves the optimizer unchanged."""
+        saved, groups = _check_state_dict(state_dict, self._flat.n, [len(g["params"]) for g in self.param_groups],
+                                          self._memory)
+        restored = {k: saved[k] for k in _SCALARS if k in saved}
+        if "x" in saved:
+            n = self._flat.n
+            H = (DenseBFGS(n, _WORK, self._flat.device, self.defaults["damping"]) if self._memory is None
+                 else LBFGS(n, _WORK, self._flat.device, self._memory, self.defaults["damping"]))
+            H.load_state_dict(saved["hessian"])
+            work = dict(dtype=_WORK, device=self._flat.device)
+            restored.update(
+                x=saved["x"].to(**work), hessian=H,
+                samples=deque((tuple(t.to(**work) for t in sample) for sample in saved["samples"]),
+                              maxlen=saved["samples_maxlen"]),
+                certificate=_certificate_from_dict(saved["certificate"]))
+            for key in ("best_feasible", "most_feasible"):
+                if key in saved:
+                    restored[key] = dict(saved[key], x=saved[key]["x"].to(**work))
+            if "fit" in saved:
+                restored["fit"] = QPResult(**{k: v.to(self._flat.device) for k, v in saved["fit"].items()})
+        warm = saved.get("steering_warm")
+        self._steering.warm = None if warm is None else QPResult(**{k: v.to(self._flat.device) for k, v in warm.items()})
+        self._generator.set_state(saved["generator"])
+        for group, options in zip(self.param_groups, groups):
+            group.update({k: v for k, v in options.items() if k != "params"})
+        self.state.clear()
+        self.state[self._flat.params[0]] = restored
 
     @property
     def certificate(self) -> Certificate:
@@ -206,23 +278,32 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One outer SQP iteration. Returns the loss at the (new) current point."""
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """One outer SQP iteration. Returns the loss at the (new) current point.
+
+        After a terminal status the closure is still called once (frameworks such as Lightning require it)
+        and nothing changes."""
         if closure is None:
-            raise ValueError("ConstrainedSQP.step needs a closure that computes the loss and calls backward(); "
-                             "see the class docstring (fp16 AMP / GradScaler paths that call step() without a "
-                             "closure are not supported)")
+            raise ValueError("ConstrainedSQP.step needs a closure that computes the loss and calls backward(): "
+                             "it evaluates several points per step. fp16 AMP (torch.amp.GradScaler, Lightning's "
+                             "precision='16-mixed') calls step() without a closure and is not supported: use "
+                             "float32/float64 or bf16, or a first-order optimizer such as co.AugmentedLagrangian")
         st = self._state
         x_now = self._flat.get().to(_WORK)
+        if "x" in st and torch.equal(x_now, st["x"]) and st["certificate"].status.terminal:
+            with torch.enable_grad():
+                return closure()
         try:
             if "x" not in st or not torch.equal(x_now, st["x"]):
                 self._start(closure, x_now)
-            elif not st["certificate"].status.terminal:
+            else:
+                if "point" not in st:      # resumed from a state_dict: rebuild f, ∇f, c at the saved point
+                    st["point"] = self._evaluate(closure, st["x"])
                 self._iterate(closure)
         finally:
             # whatever happened (a closure that raised included), parameters hold the last good point
             self._flat.set(st.get("x", x_now).to(self._flat.dtype))
-        return st["point"].loss
+        return st["point"].loss if "point" in st else None
 
     def _start(self, closure: Callable[[], Tensor], x: Tensor) -> None:
         """(Re)start at x: evaluate, build H if needed, certify."""
@@ -438,6 +519,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             complementarity=meas.complementarity if meas.solved else math.inf,
             ineq_violation=ineq, eq_violation=eq, objective=point.f, penalty=st["mu"],
             multipliers={name: lam[sl].to(self._flat.dtype) for name, sl in point.values.slices.items()},
+            violations=violations_by_name(point.c, p, point.values.slices),
             iteration=st["iteration"], samples=samples, tol_opt=self._tol_opt, tol_ineq=self._tol_ineq,
             tol_eq=self._tol_eq)
 
@@ -454,3 +536,55 @@ def _check_open_interval(name: str, value: float, low: float, high: float) -> No
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
         raise ValueError(f"{name} must lie in ({low}, {high}), got {value!r}")
 
+
+_SCALARS = ("mu", "iteration", "g_ref", "rescues", "expansions", "stalls", "t0", "nfev", "p")
+_CERTIFICATE_FLOATS = ("stationarity", "complementarity", "ineq_violation", "eq_violation", "objective", "penalty",
+                       "tol_opt", "tol_ineq", "tol_eq")
+
+
+def _certificate_to_dict(cert: Certificate) -> dict:
+    out = {k: getattr(cert, k) for k in _CERTIFICATE_FLOATS}
+    out.update(multipliers=dict(cert.multipliers), violations=dict(cert.violations), status=int(cert.status),
+               iteration=cert.iteration, samples=cert.samples)
+    return out
+
+
+def _certificate_from_dict(d: dict) -> Certificate:
+    return Certificate(**{k: d[k] for k in _CERTIFICATE_FLOATS}, multipliers=dict(d["multipliers"]),
+                       violations=dict(d["violations"]), status=Status(d["status"]), iteration=d["iteration"],
+                       samples=d["samples"])
+
+
+def _check_state_dict(state_dict, n: int, group_sizes: list[int], memory: int | None) -> tuple[dict, list]:
+    """Validate a ConstrainedSQP state_dict against this optimizer before anything is changed."""
+    def bad(why: str):
+        return ValueError(f"state_dict does not match this ConstrainedSQP: {why}")
+    if not isinstance(state_dict, dict) or not {"state", "param_groups", "n"} <= set(state_dict):
+        raise bad("expected a dict with keys 'state', 'param_groups' and 'n' (from ConstrainedSQP.state_dict())")
+    saved, groups = state_dict["state"], state_dict["param_groups"]
+    if state_dict["n"] != n:
+        raise bad(f"it was saved for {state_dict['n']} variables, this optimizer has {n}")
+    if not isinstance(groups, list) or [g.get("params") for g in groups] != group_sizes:
+        raise bad(f"parameter groups of sizes {[g.get('params') for g in groups] if isinstance(groups, list) else groups}"
+                  f", this optimizer has {group_sizes}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("generator"), Tensor):
+        raise bad("the 'state' entry is not a ConstrainedSQP state")
+    if "x" not in saved:
+        return saved, groups
+    required = set(_SCALARS) | {"x", "hessian", "samples", "samples_maxlen", "certificate"}
+    if not required <= set(saved):
+        raise bad(f"missing entries {sorted(required - set(saved))}")
+    if not isinstance(saved["x"], Tensor) or saved["x"].shape != (n,) or not bool(torch.isfinite(saved["x"]).all()):
+        raise bad("the saved point is not a finite vector of the right length")
+    kind = "dense" if memory is None else "lbfgs"
+    H = saved["hessian"]
+    if not isinstance(H, dict) or H.get("kind") != kind:
+        raise bad(f"the saved Hessian approximation is not the {kind} one this optimizer uses (memory={memory})")
+    if kind == "dense" and (not isinstance(H.get("H"), Tensor) or H["H"].shape != (n, n)):
+        raise bad("the saved dense BFGS matrix has the wrong shape")
+    if kind == "lbfgs" and not all(isinstance(v, Tensor) and v.shape == (n,) for v in H.get("S", []) + H.get("Y", [])):
+        raise bad("the saved L-BFGS pairs have the wrong shape")
+    for sample in saved["samples"]:
+        if len(sample) != 3 or sample[0].shape != (n,) or sample[1].shape != (n,) or sample[2].shape[-1] != n:
+            raise bad("a saved gradient sample has the wrong shape")
+    return saved, groups

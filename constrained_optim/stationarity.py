@@ -6,9 +6,11 @@ point; ``k > 1``: nearby iterates, *gradient sampling* for nonsmooth problems), 
     min_{w, λ}  ½ ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖²  +  ½ Σ_j Σ_{i∈I} (κ_i ‖∇c_i‖ λ_{j,i})²
     s.t.        w ≥ 0,  Σ_j w_j = 1,   λ_{j,I} ≥ 0,
 
-where ``κ_i = σ_i / (σ_i + tol_ineq)`` with ``σ_i = max(0, −c_i − tol_ineq)`` (0 for constraints within
-the feasibility tolerance of their bound, which count as active; → 1 for clearly inactive ones) charges a multiplier on an inactive constraint as much as the residual it removes, so that
-complementarity is part of the fit. The objective weights sum to one and the multipliers scale with
+where ``κ_i = σ_i / (σ_i + tol_ineq)`` with ``σ_i = max(0, −c_i / min(1, ‖∇c_i‖₂) − tol_ineq)`` (0 for
+constraints whose value *and* first-order distance to their boundary are within the tolerance, which count as
+active; → 1 for clearly inactive ones) charges a multiplier on an inactive constraint as much as the residual
+it removes, so that complementarity is part of the fit. The distance matters for badly scaled constraints: one
+scaled by 1e-8 is not "active" wherever its value is below an absolute 1e-8. The objective weights sum to one and the multipliers scale with
 ``f``: the measures below do not depend on the penalty parameter, on the BFGS matrix or on a positive
 rescaling of ``f`` (or of any constraint):
 
@@ -55,7 +57,7 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
     J = jacobians / unit[:, None]                       # unit rows at the current point
     g = grads / g_scale
     kappa = torch.zeros_like(c)
-    slack = (-c[:p] - tol_ineq).clamp(min=0)
+    slack = (-c[:p] / unit[:p].clamp(max=1.0) - tol_ineq).clamp(min=0)
     kappa[:p] = slack / (slack + tol_ineq)
     lower = torch.full((m,), float("-inf"), dtype=dtype, device=device)
     lower[:p] = 0.0

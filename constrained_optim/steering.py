@@ -56,8 +56,11 @@ class Steering:
     def __init__(self, c_v: float = 0.1, c_mu: float = 0.9, max_reductions: int = 10, slack: float = 0.0,
                  qp_tol: float = 1e-10, backend: str = "builtin"):
         self.c_v, self.c_mu, self.max_reductions, self.slack = c_v, c_mu, max_reductions, slack
-        self._warm = None
+        self.warm = None      # the last solved QP batch: warm start of the next (state of a run)
         self.qp_tol, self.backend = qp_tol, backend
+
+    def reset(self) -> None:
+        self.warm = None
 
     def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
         """The steered direction at a point with gradient ``g``, constraints ``c`` and Jacobian ``J``."""
@@ -73,11 +76,11 @@ class Steering:
 
         def solve(mus: Tensor):
             # the previous iteration's answer seeds the active set (same shapes: the first batch)
-            warm = self._warm if self._warm is not None and self._warm.z.shape == (mus.numel(), m) else None
+            warm = self.warm if self.warm is not None and self.warm.z.shape == (mus.numel(), m) else None
             res = solve_box_qp(M, mus[:, None] * Jg - c, lower, upper, tol=self.qp_tol, warm_start=warm,
                                backend=self.backend)
             if mus.numel() == 2:
-                self._warm = res
+                self.warm = res
             Y = res.z.to(c.dtype)
             JD = -(mus[:, None] * Jg + Y @ M)               # J d for every candidate, (K, m)
             ell = v - violation(c + JD, p)

@@ -147,12 +147,6 @@ def test_valid_options_accepted():
                       damping=0.2, qp_solver="builtin", seed=3)
 
 
-def test_two_param_groups_rejected():
-    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    with pytest.raises(ValueError, match="one parameter group"):
-        co.ConstrainedSQP([{"params": [a]}, {"params": [b]}])
-
-
 def test_mixed_dtype_params_raise_type_error():
     a = torch.zeros(2, requires_grad=True)
     b = torch.zeros(2, dtype=F64, requires_grad=True)
@@ -174,10 +168,9 @@ def _opt(dtype=F64):
 
 def test_step_without_closure_raises():
     x, opt = _opt()
-    with pytest.raises(ValueError, match="closure"):
-        opt.step(None)
-    with pytest.raises(TypeError):
-        opt.step()
+    for call in (lambda: opt.step(None), lambda: opt.step()):       # step() is what GradScaler.step calls
+        with pytest.raises(ValueError, match="closure.*AMP"):
+            call()
 
 
 def test_closure_returning_non_scalar_raises():
