@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require_qpth
 import torch
 
 from problems import (
@@ -289,12 +290,11 @@ _QPTH_SOLVED = ("hs035", "hs071", "trace_n8_k2", "nsrosen_1")
 _QPTH_PROBLEMS = [get_problem(name) for name in _QPTH_SOLVED + ("hs093", "svm_primal_m20")]
 
 
+@pytest.mark.qpth
 @pytest.mark.parametrize("prob", _QPTH_PROBLEMS, ids=_ids(_QPTH_PROBLEMS))
 def test_sqp_qpth_backend(prob):
-    import importlib.util
     import constrained_optim as co
-    if importlib.util.find_spec("qpth") is None:
-        pytest.skip("qpth not installed (optional: pip install --no-deps qpth)")
+    require_qpth()
     x, res = _run_sqp(prob, qp_solver="qpth")
     if prob.name in _QPTH_SOLVED:
         assert res.success, res.message

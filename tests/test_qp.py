@@ -1,10 +1,10 @@
 """Tests for constrained_optim.qp: KKT accuracy, exact oracles, batching, statuses, validation."""
 
-import importlib.util
 import itertools
 
 import numpy as np
 import pytest
+from conftest import require_qpth
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -323,11 +323,9 @@ def test_validation_errors():
         solve_qp(Q, p, backend="nope")
 
 
+@pytest.mark.qpth
 def test_qpth_backend_matches_builtin():
-    # pytest.importorskip("qpth") would fail without cvxpy (qpth imports it at load time); the
-    # adapter imports qpth without cvxpy, so only skip when qpth itself is missing
-    if importlib.util.find_spec("qpth") is None:
-        pytest.skip("qpth not installed")
+    require_qpth()
     rng = np.random.default_rng(8)
     m = 6
     J = rng.standard_normal((4, m, m + 2))

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from conftest import require_qpth
 import torch
 
 import constrained_optim as co
@@ -410,10 +411,9 @@ def test_certificate_invariant_to_objective_scale_at_a_nonoptimal_point(start):
         assert cert.violation == ref.violation
 
 
-def test_qpth_backend_if_installed():
-    import importlib.util
-    if importlib.util.find_spec("qpth") is None:
-        pytest.skip("qpth not installed (optional: pip install --no-deps qpth)")
+@pytest.mark.qpth
+def test_qpth_backend():
+    require_qpth()
     x, a, cons = _ball_problem()
     res = co.minimize(lambda: ((x - a) ** 2).sum() + 0.1 * (x ** 4).sum(), [x], cons, qp_solver="qpth")
     assert res.success
