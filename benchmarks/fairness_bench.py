@@ -36,7 +36,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import shlex
 import statistics
 import sys
@@ -266,11 +266,7 @@ def main(argv=None) -> int:
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
     print(f"torch {torch.__version__}, threads {args.threads}, seeds {seeds}, epochs {epochs}, batch {BATCH}, "
           f"lr {LR}, constraints: rate <= {RATE}, ‖w‖ <= {RADIUS}\n")
-    try:
-        import cooper  # noqa: F401
-        have_cooper = True
-    except ImportError:
-        have_cooper = False
+    have_cooper = importlib.util.find_spec("cooper") is not None
 
     rows = {}
     for seed in range(seeds):

@@ -214,7 +214,7 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
             raise ValueError("certify needs a closure that returns the loss")
         if not ran:
             with torch.enable_grad():
-                loss.backward()
+                loss.backward(retain_graph=True)   # constraints may reuse the loss's forward pass
         st = self._state
         g = self._flat.grad().to(_WORK)
         with torch.enable_grad():

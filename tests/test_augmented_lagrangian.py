@@ -649,3 +649,20 @@ def test_float32_parameters():
     assert x.dtype == F32 and all(v.dtype == F32 for v in opt.multipliers.values())
     assert opt.certificate.violation <= 1e-5
     assert torch.allclose(x.detach().double(), x_ref, atol=1e-4)
+
+
+def test_certify_with_a_closure_that_leaves_backward_and_shares_its_forward():
+    """The recommended fused pattern (constraints reuse the loss's forward, the closure runs no backward) must
+    work for certify too: certify keeps the graph for the constraint Jacobian."""
+    torch.manual_seed(0)
+    w = torch.zeros(3, dtype=F64, requires_grad=True)
+    X = torch.randn(10, 3, dtype=F64)
+    shared = {}
+
+    def closure():
+        shared["z"] = X @ w
+        return ((shared["z"] - 1) ** 2).mean()
+    opt = co.AugmentedLagrangian([w], [co.ineq(lambda: shared["z"].mean() - 0.1, name="m")], lr=1e-2)
+    opt.step(closure)
+    cert = opt.certify(closure)
+    assert cert.status is co.Status.IN_PROGRESS and math.isfinite(cert.stationarity)
