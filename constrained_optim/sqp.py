@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import stationarity
 from ._flat import FlatParams
-from ._wrapped import PointRecord
+from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .hessian import LBFGS, DenseBFGS
@@ -112,19 +112,19 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
                  max_ls_evals: int = 50, max_stall: int = 5, ngrad: int | None = None, sample_radius: float | None = None,
                  damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0):
-        _check_positive("mu0", mu0)
+        check_positive("mu0", mu0)
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
         for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
             if value is not None:
-                _check_positive(name, value)
+                check_positive(name, value)
         _check_open_interval("c_v", c_v, 0.0, 1.0)
         _check_open_interval("c_mu", c_mu, 0.0, 1.0)
         _check_open_interval("c1", c1, 0.0, 1.0)
         _check_open_interval("c2", c2, c1, 1.0)
         _check_open_interval("damping", damping, 0.0, 1.0)
         if sample_radius is not None:
-            _check_positive("sample_radius", sample_radius)
+            check_positive("sample_radius", sample_radius)
         for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals),
                             ("max_stall", max_stall)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -467,14 +467,9 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         return Status.STALLED_INFEASIBLE
 
     # ------------------------------------------------------------------------- certificate, bookkeeping
-    def _linf_violation(self, c: Tensor) -> tuple[float, float]:
-        p = self._state["p"]
-        ineq = float(c[:p].clamp(min=0).max()) if p else 0.0
-        eq = float(c[p:].abs().max()) if c.numel() > p else 0.0
-        return ineq, eq
 
     def _feasible(self, c: Tensor) -> bool:
-        ineq, eq = self._linf_violation(c)
+        ineq, eq = linf_violation(c, self._state["p"])
         return ineq <= self._tol_ineq and eq <= self._tol_eq
 
     def _accept_bookkeeping(self, point: _Point, status: Status) -> None:
@@ -496,7 +491,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
     def _certify(self, point: _Point) -> Certificate:
         st = self._state
         p = st["p"]
-        ineq, eq = self._linf_violation(point.c)
+        ineq, eq = linf_violation(point.c, p)
         g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
                       torch.finfo(_WORK).tiny)
         J = point.jacobian()
@@ -525,11 +520,6 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
 
     def _measure_ok(self, meas) -> bool:
         return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
-
-
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _check_open_interval(name: str, value: float, low: float, high: float) -> None:
