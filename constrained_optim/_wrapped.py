@@ -266,7 +266,7 @@ class PenalizedOptimizer(ConstrainedOptimizer):
         if not self._constraints:
             raise ValueError(f"{type(self).__name__} got no constraints: pass constraints=[co.ineq(fn), ...]; "
                              "for an unconstrained problem use the inner optimizer directly")
-        self._inner = InnerOptimizer.build(optimizer, self.param_groups, optimizer_options)
+        self._inner = build_inner(optimizer, self.param_groups, optimizer_options)
 
     @property
     def inner(self) -> torch.optim.Optimizer:
@@ -353,30 +353,27 @@ class PenalizedOptimizer(ConstrainedOptimizer):
         return float(self._options["penalty"]) if rho is None else float(rho)
 
 
-class InnerOptimizer:
-    """An inner torch optimizer built on the outer optimizer's parameter groups (the same group dicts, so
-    ``lr`` and LR schedulers set on the outer optimizer reach the inner one)."""
-
-    @staticmethod
-    def build(optimizer, param_groups: list[dict], options: dict) -> torch.optim.Optimizer:
-        if isinstance(optimizer, type):
-            if not issubclass(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer class or a factory, got {optimizer!r}")
-            inner = optimizer(param_groups, **options)
-        elif callable(optimizer):
-            if options:
-                raise TypeError(f"options {sorted(options)} cannot be forwarded to a factory; set them inside it")
-            inner = optimizer(param_groups)
-            if not isinstance(inner, torch.optim.Optimizer):
-                raise TypeError(f"the optimizer factory returned a {type(inner).__name__}, not a torch.optim.Optimizer")
-        else:
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer class or a factory params -> optimizer, "
-                            f"got {type(optimizer).__name__}")
-        if any(g is not h for g, h in zip(inner.param_groups, param_groups)) or \
-                len(inner.param_groups) != len(param_groups):
-            raise ValueError("the inner optimizer must be built on the parameter groups it is given")
-        inner.param_groups = param_groups      # one list: groups added later reach both optimizers
-        return inner
+def build_inner(optimizer, param_groups: list[dict], options: dict) -> torch.optim.Optimizer:
+    """An inner torch optimizer built on the outer optimizer's parameter groups (the same group dicts and
+    list, so ``lr``, LR schedulers and added groups set on the outer optimizer reach the inner one)."""
+    if isinstance(optimizer, type):
+        if not issubclass(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer class or a factory, got {optimizer!r}")
+        inner = optimizer(param_groups, **options)
+    elif callable(optimizer):
+        if options:
+            raise TypeError(f"options {sorted(options)} cannot be forwarded to a factory; set them inside it")
+        inner = optimizer(param_groups)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory returned a {type(inner).__name__}, not a torch.optim.Optimizer")
+    else:
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer class or a factory params -> optimizer, "
+                        f"got {type(optimizer).__name__}")
+    if any(g is not h for g, h in zip(inner.param_groups, param_groups)) or \
+            len(inner.param_groups) != len(param_groups):
+        raise ValueError("the inner optimizer must be built on the parameter groups it is given")
+    inner.param_groups = param_groups      # one list: groups added later reach both optimizers
+    return inner
 
 
 def state_dict_with_inner(outer: torch.optim.Optimizer, inner: torch.optim.Optimizer | None) -> dict:

@@ -23,10 +23,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._wrapped import (_WORK, ConstrainedOptimizer, InnerOptimizer, Shared, all_finite, check_positive,
+from ._wrapped import (_WORK, ConstrainedOptimizer, Shared, build_inner, all_finite, check_positive,
                        check_positive_int, load_state_dict_with_inner, state_dict_with_inner, warn_skipped)
 from .certificate import Certificate, Status
-from .constraints import Constraint
+from .constraints import Constraint, evaluate
 from .sets import Set
 
 _STEPS = ("fixed", "spg", "apgd")
@@ -75,7 +75,7 @@ class ProjectedGradient(ConstrainedOptimizer):
         super().__init__(params, all_sets, defaults, tol_opt, tol_ineq, tol_eq)
         self._sets = all_sets
         _check_sets_on_params(all_sets, self._flat.params)
-        self._inner = (InnerOptimizer.build(optimizer, self.param_groups, optimizer_options)
+        self._inner = (build_inner(optimizer, self.param_groups, optimizer_options)
                        if optimizer is not None else None)
         self._cache = None
 
@@ -146,6 +146,7 @@ class ProjectedGradient(ConstrainedOptimizer):
         if "steps" not in self._state:
             self.project()      # start from a point of the sets
         x = self._flat.get()
+        c = self._set_values()
         try:
             loss, g = self._loss_and_grad(closure, x)
             if not all_finite([loss, g]):
@@ -164,7 +165,7 @@ class ProjectedGradient(ConstrainedOptimizer):
         if not all_finite(self._flat.params):
             self._flat.set(x)
             warn_skipped("ProjectedGradient", "the new point")
-        self._record_step(loss, self._set_values(x), None, 1.0)
+        self._record_step(loss, c, None, 1.0)
         self._last["status"] = status
         return loss
 
@@ -258,19 +259,11 @@ class ProjectedGradient(ConstrainedOptimizer):
         st.update(k=k + 1, x_prev=x, f_prev=f)
         self._flat.set(new)
 
-    def _set_values(self, x: Tensor) -> Tensor:
-        """Constraint values of the sets at x (for the per-step certificate)."""
-        current = self._flat.get()
-        self._flat.set(x)
-        c = [con.values() for con in self._constraints]
-        self._flat.set(current)
-        if self._p is None:
-            self._p = sum(v.numel() for con, v in zip(self._constraints, c) if con.kind == "ineq")
-            start = 0
-            for con, v in zip(self._constraints, c):
-                self._slices[con.name] = slice(start, start + v.numel())
-                start += v.numel()
-        return torch.cat(c)
+    def _set_values(self) -> Tensor:
+        """Constraint values of the sets at the current point (for the per-step certificate)."""
+        values = evaluate(self._constraints, self._flat)
+        self._p, self._slices = values.p, values.slices
+        return values.c
 
     def _running_certificate(self, status=Status.IN_PROGRESS, **last):
         cert = super()._running_certificate(**last)
