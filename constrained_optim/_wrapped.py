@@ -34,6 +34,7 @@ from . import stationarity
 from ._flat import FlatParams
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import canonical, evaluate
+from .distributed import DataParallel, check_option
 
 _WORK = torch.float64
 
@@ -79,16 +80,19 @@ class PointRecord:
         self._flat.set(x.to(self._flat.dtype))
 
 
-class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
-    """Base of the first-order constrained optimizers: parameters, constraints, tolerances, certificate."""
+class ConstrainedOptimizer(DataParallel, PointRecord, torch.optim.Optimizer):
+    """Base of the first-order constrained optimizers: parameters, constraints, tolerances, certificate,
+    data-parallel reductions (``process_group``, see :mod:`constrained_optim.distributed`)."""
 
     _cert, _last, _p, _m, _slices, _fit, _g_scale = (Shared() for _ in range(7))
 
     def __init__(self, params: Iterable, constraints: Sequence | None, defaults: dict,
-                 tol_opt: float | None, tol_ineq: float | None, tol_eq: float | None):
+                 tol_opt: float | None, tol_ineq: float | None, tol_eq: float | None, process_group=None):
         for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
             if value is not None:
                 check_positive(name, value)
+        check_option(process_group)
+        self._process_group = process_group
         self._aux = {}
         super().__init__(params, defaults)
         self._flat = FlatParams([p for group in self.param_groups for p in group["params"]])
@@ -190,6 +194,17 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
         self._p, self._m, self._slices = values.p, values.m, values.slices
         return values
 
+    def _synchronize(self, values, loss: Tensor | None) -> Tensor | None:
+        """Data-parallel: reduce the constraint values and the loss over the ranks (one collective); returns
+        the mean loss. Without a process group: the loss as it is."""
+        reducer = self._reducer()
+        return loss if reducer is None else values.synchronize(reducer, loss)
+
+    def _mean_loss(self, loss: Tensor) -> Tensor:
+        """Data-parallel: the loss averaged over the ranks (one all-reduce); else the loss itself."""
+        reducer = self._reducer()
+        return loss if reducer is None else reducer.mean(loss.detach())
+
     def _require_grads(self) -> None:
         if all(p.grad is None for p in self._flat.params):
             raise ValueError(f"{type(self).__name__}.step() without a closure needs the gradients of a "
@@ -204,7 +219,9 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
         constraint Jacobian by one batched vector-Jacobian product; the multipliers are fitted exactly as
         in :class:`ConstrainedSQP` (see :mod:`constrained_optim.stationarity`). The status is CONVERGED
         when stationarity, complementarity and feasibility hold within tolerance, else IN_PROGRESS.
-        The parameters are not changed.
+        The parameters are not changed. Data-parallel: every rank calls it with the closure of its shard
+        (through the DDP wrapper or not: the loss gradient, values and Jacobian are averaged here) and gets
+        the same certificate.
         """
         if closure is None:
             raise ValueError("certify needs a closure that computes the loss")
@@ -216,9 +233,10 @@ class ConstrainedOptimizer(PointRecord, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss.backward(retain_graph=True)   # constraints may reuse the loss's forward pass
         st = self._state
-        g = self._flat.grad().to(_WORK)
+        g = self._mean_gradient(self._flat).to(_WORK)
         with torch.enable_grad():
             values = self._constraint_values()
+        loss = self._synchronize(values, loss)
         c, J = values.c.to(_WORK), values.jacobian().to(_WORK)
         f = float(loss.detach())
         ineq, eq = linf_violation(c, values.p)
@@ -261,8 +279,8 @@ class PenalizedOptimizer(ConstrainedOptimizer):
     """
 
     def __init__(self, params, constraints, optimizer, optimizer_options: dict, defaults: dict,
-                 tol_opt, tol_ineq, tol_eq):
-        super().__init__(params, constraints, defaults, tol_opt, tol_ineq, tol_eq)
+                 tol_opt, tol_ineq, tol_eq, process_group=None):
+        super().__init__(params, constraints, defaults, tol_opt, tol_ineq, tol_eq, process_group)
         if not self._constraints:
             raise ValueError(f"{type(self).__name__} got no constraints: pass constraints=[co.ineq(fn), ...]; "
                              "for an unconstrained problem use the inner optimizer directly")
@@ -315,6 +333,7 @@ class PenalizedOptimizer(ConstrainedOptimizer):
             loss, ran = self._call(closure)
         with torch.enable_grad():
             values = self._constraint_values()
+        local_loss, loss = loss, self._synchronize(values, loss)
         c = values.c
         if first and not all_finite([c, loss]):
             warn_skipped(type(self).__name__, "the loss or a constraint value")
@@ -332,7 +351,9 @@ class PenalizedOptimizer(ConstrainedOptimizer):
             add_to_grads(self._flat.params, values.vjp_per_param(w, retain_graph=False))
         else:
             self.zero_grad(set_to_none=True)
-            values.backward(w, loss)
+            values.backward(w, local_loss)
+        if first:
+            self._check_replicas(self._flat)
         if first and not all_finite(p.grad for p in self._flat.params):
             self._state.clear()
             self._state.update(before)

@@ -58,6 +58,10 @@ class AugmentedLagrangian(PenalizedOptimizer):
             the first step after the previous update (inner problem approximately solved; one host sync
             per step).
         tol_opt, tol_ineq, tol_eq: certificate tolerances; default ``max(1e-6, 100 eps)``.
+        process_group: data-parallel runs: ``None`` (default) reduces constraint values, the optimizer's own
+            gradient products, loss values and certificates over the default process group when
+            ``torch.distributed`` is initialized (see :mod:`constrained_optim.distributed`); a ProcessGroup
+            to use another group; ``False`` never communicates.
         **optimizer_options: forwarded to the inner optimizer class (e.g. ``betas``, ``weight_decay``).
 
     State (``state_dict()``): multipliers λ, penalty ρ, the update window, the inner optimizer's state.
@@ -67,7 +71,7 @@ class AugmentedLagrangian(PenalizedOptimizer):
                  lr: float | None = None, penalty: float = 1.0, penalty_growth: float = 1.0,
                  max_penalty: float = 1e6, violation_decrease: float = 0.25, update_every: int = 10,
                  inner_tol: float | None = None, tol_opt: float | None = None, tol_ineq: float | None = None,
-                 tol_eq: float | None = None, **optimizer_options):
+                 tol_eq: float | None = None, process_group=None, **optimizer_options):
         check_penalty_options(penalty, penalty_growth, max_penalty, violation_decrease, update_every)
         if inner_tol is not None:
             check_positive("inner_tol", inner_tol)
@@ -77,7 +81,8 @@ class AugmentedLagrangian(PenalizedOptimizer):
         defaults = dict(penalty=penalty, penalty_growth=penalty_growth, max_penalty=max_penalty,
                         violation_decrease=violation_decrease, update_every=update_every, inner_tol=inner_tol)
         self._options = defaults
-        super().__init__(params, constraints, optimizer, optimizer_options, defaults, tol_opt, tol_ineq, tol_eq)
+        super().__init__(params, constraints, optimizer, optimizer_options, defaults, tol_opt, tol_ineq, tol_eq,
+                         process_group)
 
     @property
     def multipliers(self) -> dict[str, Tensor]:

@@ -27,7 +27,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._flat import FlatParams
+from .distributed import REDUCTIONS
 
 _KINDS = ("ineq", "eq")
 _FOLDS = (None, "l2", "max")
@@ -41,25 +43,32 @@ class Constraint:
         kind: ``"ineq"`` or ``"eq"``.
         name: used in certificates and error messages (default ``"ineq0"``, ``"eq1"``, ... by position).
         fold: ``None`` (every element is a constraint), ``"l2"`` or ``"max"`` (one scalar, see module doc).
+        reduce: how the rows combine over the ranks of a data-parallel run: ``"mean"`` (default), ``"sum"``
+            or ``"max"`` (see :mod:`constrained_optim.distributed`; ignored when not distributed).
     """
 
-    def __init__(self, fn: Callable[[], Tensor], kind: str, name: str | None = None, fold: str | None = None):
+    def __init__(self, fn: Callable[[], Tensor], kind: str, name: str | None = None, fold: str | None = None,
+                 reduce: str = "mean"):
         if not callable(fn):
             raise TypeError(f"constraint fn must be callable with no arguments, got {type(fn).__name__}")
         if kind not in _KINDS:
             raise ValueError(f"constraint kind must be 'ineq' or 'eq', got {kind!r}")
         if fold not in _FOLDS:
             raise ValueError(f"fold must be None, 'l2' or 'max', got {fold!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"constraint name must be a string, got {type(name).__name__}")
         self.fn = fn
         self.kind = kind
         self.name = name
         self.fold = fold
+        self.reduce = reduce
 
     def __repr__(self) -> str:
         fold = f", fold={self.fold!r}" if self.fold else ""
-        return f"{self.kind}({self.name!r}{fold})"
+        reduce = f", reduce={self.reduce!r}" if self.reduce != "mean" else ""
+        return f"{self.kind}({self.name!r}{fold}{reduce})"
 
     def values(self) -> Tensor:
         """The constraint's scalar rows at the current parameters: ``fn()`` flattened, then folded."""
@@ -87,14 +96,16 @@ def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
     return folded.reshape(1)
 
 
-def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None) -> Constraint:
+def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None,
+         reduce: str = "mean") -> Constraint:
     """Inequality constraint ``fn() <= 0`` elementwise."""
-    return Constraint(fn, "ineq", name, fold)
+    return Constraint(fn, "ineq", name, fold, reduce)
 
 
-def eq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None) -> Constraint:
+def eq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None,
+       reduce: str = "mean") -> Constraint:
     """Equality constraint ``fn() == 0`` elementwise."""
-    return Constraint(fn, "eq", name, fold)
+    return Constraint(fn, "eq", name, fold, reduce)
 
 
 def canonical(constraints: Sequence | None) -> list[Constraint]:
@@ -122,7 +133,7 @@ def canonical(constraints: Sequence | None) -> list[Constraint]:
     named = []
     for c in constraints:
         if c.name is None:
-            c = Constraint(c.fn, c.kind, f"{c.kind}{counts[c.kind]}", c.fold)
+            c = Constraint(c.fn, c.kind, f"{c.kind}{counts[c.kind]}", c.fold, c.reduce)
         counts[c.kind] += 1
         named.append(c)
     names = [c.name for c in named]
@@ -137,20 +148,33 @@ class ConstraintValues:
     """All constraints evaluated at one point, with their autograd graph.
 
     Attributes:
-        c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype.
+        c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype (after :meth:`synchronize`: reduced
+            over the ranks).
         p: number of inequality rows (the first ``p`` entries of ``c``).
         slices: constraint name -> slice of ``c`` holding its rows.
+        reductions: ``(slice, "mean" | "sum" | "max")`` of each constraint (data-parallel runs).
     """
 
     c: Tensor
     p: int
     slices: dict[str, slice]
+    reductions: list[tuple[slice, str]]
     _graph: Tensor | None
     _flat: FlatParams
+    _reducer: distributed.Reducer | None = None
+    _scale: Tensor | None = None      # this rank's row weights s_r (distributed.py)
 
     @property
     def m(self) -> int:
         return self.c.numel()
+
+    def synchronize(self, reducer: distributed.Reducer, loss: Tensor | None = None) -> Tensor | None:
+        """Reduce ``c`` over the ranks (one collective, with the loss) and make every later product with J
+        the reduced one. Returns the mean loss (None without a loss)."""
+        codes = distributed.codes(self.reductions, self.m, self.c)
+        loss, self.c, self._scale = reducer.gather(loss, self.c, codes)
+        self._reducer = reducer
+        return loss
 
     def vjp(self, w: Tensor, retain_graph: bool = True) -> Tensor:
         """``Jᵀ w`` (n,) by one backward pass (``retain_graph``: keep the graph for further products)."""
@@ -160,18 +184,30 @@ class ConstraintValues:
         """``Jᵀ w`` split by parameter (None where a parameter does not enter any constraint)."""
         if self.m == 0:
             return (None,) * len(self._flat.params)
-        return torch.autograd.grad(self._graph, self._flat.params, grad_outputs=w.to(self._graph.dtype),
-                                   retain_graph=retain_graph, allow_unused=True)
+        if self._reducer is not None:
+            w = w * self._scale
+        grads = torch.autograd.grad(self._graph, self._flat.params, grad_outputs=w.to(self._graph.dtype),
+                                    retain_graph=retain_graph, allow_unused=True)
+        if self._reducer is None:
+            return grads
+        total = self._reducer.sum(self._flat.flatten(grads))
+        return tuple(chunk.view_as(p) for p, chunk in zip(self._flat.params, total.split(self._flat.numels)))
 
     def backward(self, w: Tensor, loss: Tensor | None = None) -> None:
-        """Accumulate ``∇loss + Jᵀ w`` into the parameters' ``.grad`` by ONE backward pass (frees the graph)."""
+        """Accumulate ``∇loss + Jᵀ w`` into the parameters' ``.grad`` by ONE backward pass (frees the graph).
+
+        Data-parallel: the rows are weighted by ``R s_r`` so that the gradient average that
+        DistributedDataParallel takes over the ranks is the reduced ``∇f + Jᵀw``."""
+        if self._reducer is not None and self.m:
+            w = w * self._scale * self._reducer.size
         outputs = ([loss] if loss is not None else []) + ([self._graph] if self.m else [])
         grads = ([torch.ones_like(loss)] if loss is not None else []) + ([w.to(self._graph.dtype)] if self.m else [])
         if outputs:
             torch.autograd.backward(outputs, grads)
 
     def jacobian(self) -> Tensor:
-        """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``).
+        """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``; over
+        ``diag(s_r)`` and then one all-reduce in a data-parallel run).
 
         Falls back to one backward per row, with a warning, when the user's functions contain an
         operation that vmap cannot batch.
@@ -180,14 +216,19 @@ class ConstraintValues:
         if m == 0:
             return torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)
         eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)
+        if self._reducer is not None:
+            eye = eye * self._scale.to(eye.dtype)
         try:
             grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
+            J = flat.flatten(grads, batch_shape=(m,))
         except (RuntimeError, NotImplementedError) as err:
             warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a "
                           "time, which is slower", RuntimeWarning, stacklevel=3)
-            return torch.stack([self.vjp(e) for e in eye])
-        return flat.flatten(grads, batch_shape=(m,))
+            rows = [torch.autograd.grad(self._graph, flat.params, grad_outputs=e, retain_graph=True,
+                                        allow_unused=True) for e in eye]
+            J = torch.stack([flat.flatten(r) for r in rows])
+        return J if self._reducer is None else self._reducer.sum(J)
 
 
 def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependence: bool = False) -> ConstraintValues:
@@ -195,7 +236,7 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependen
 
     With ``check_dependence`` each constraint is checked once to depend on the parameters.
     """
-    rows, slices, start, p = [], {}, 0, 0
+    rows, slices, reductions, start, p = [], {}, [], 0, 0
     with torch.enable_grad():
         for con in constraints:
             value = con.values()
@@ -208,12 +249,13 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependen
                 _check_dependence(con, value, flat)
             rows.append(value)
             slices[con.name] = slice(start, start + value.numel())
+            reductions.append((slices[con.name], con.reduce))
             start += value.numel()
             if con.kind == "ineq":
                 p = start
         graph = torch.cat(rows) if rows else None
     c = graph.detach() if graph is not None else torch.zeros(0, dtype=flat.dtype, device=flat.device)
-    return ConstraintValues(c=c, p=p, slices=slices, _graph=graph, _flat=flat)
+    return ConstraintValues(c=c, p=p, slices=slices, reductions=reductions, _graph=graph, _flat=flat)
 
 
 def _check_dependence(con: Constraint, value: Tensor, flat: FlatParams) -> None:

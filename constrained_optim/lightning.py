@@ -133,7 +133,10 @@ class ConstraintMonitor(Callback):
             batch either way.
         prog_bar: also show ``ineq_violation``, ``eq_violation`` and ``stationarity`` in the progress bar
             (False); the per-constraint metrics go to the loggers only.
-        sync_dist: forwarded to ``LightningModule.log`` (False): reduce the values over processes.
+        sync_dist: forwarded to ``LightningModule.log``. Default ``None``: True for epoch-level logging in a
+            multi-process run (Lightning asks for it there), False otherwise. The optimizers reduce what they
+            report over the ranks (:mod:`constrained_optim.distributed`), so every rank logs the same values
+            and the reduction does not change them.
 
     Raises (at ``on_fit_start``) ``ValueError`` for a ``ConstrainedSQP`` trained with
     ``accumulate_grad_batches > 1``, with a GradScaler (fp16 mixed precision) or with gradient clipping,
@@ -141,12 +144,13 @@ class ConstraintMonitor(Callback):
     """
 
     def __init__(self, stop_on_certificate: bool = False, logging_interval: str = "step", prog_bar: bool = False,
-                 sync_dist: bool = False) -> None:
+                 sync_dist: bool | None = None) -> None:
         super().__init__()
-        for name, value in (("stop_on_certificate", stop_on_certificate), ("prog_bar", prog_bar),
-                            ("sync_dist", sync_dist)):
+        for name, value in (("stop_on_certificate", stop_on_certificate), ("prog_bar", prog_bar)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        if sync_dist is not None and not isinstance(sync_dist, bool):
+            raise ValueError(f"sync_dist must be None, True or False, got {sync_dist!r}")
         if logging_interval not in _INTERVALS:
             raise ValueError(f"logging_interval must be 'step' or 'epoch', got {logging_interval!r}")
         self.stop_on_certificate = stop_on_certificate
@@ -178,11 +182,12 @@ class ConstraintMonitor(Callback):
     # ------------------------------------------------------------------------------------------ logging
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         optimizers = _constrained_optimizers(trainer)
+        sync = self.sync_dist if self.sync_dist is not None else (trainer.world_size > 1 and not on_step)
         for index, opt in optimizers:
             prefix = f"constraints/{index}/" if len(optimizers) > 1 else "constraints/"
             for name, value in _certificate_metrics(opt.certificate).items():
                 pl_module.log(prefix + name, value, on_step=on_step, on_epoch=not on_step,
-                              prog_bar=self.prog_bar and name in _PROG_BAR, sync_dist=self.sync_dist,
+                              prog_bar=self.prog_bar and name in _PROG_BAR, sync_dist=sync,
                               batch_size=1)
 
 

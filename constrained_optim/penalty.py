@@ -44,6 +44,10 @@ class Penalty(PenalizedOptimizer):
             steps with ρ_max = 1e8, 1e-4 with 1e4). ``minimize(method="penalty")``, whose inner LBFGS
             solves each subproblem, uses 1e8.
         tol_opt, tol_ineq, tol_eq: certificate tolerances; default ``max(1e-6, 100 eps)``.
+        process_group: data-parallel runs: ``None`` (default) reduces constraint values, the optimizer's own
+            gradient products, loss values and certificates over the default process group when
+            ``torch.distributed`` is initialized (see :mod:`constrained_optim.distributed`); a ProcessGroup
+            to use another group; ``False`` never communicates.
         **optimizer_options: forwarded to the inner optimizer class.
 
     The certificate's ``multipliers`` are the penalty's estimates ``w`` (for the quadratic penalty,
@@ -55,7 +59,7 @@ class Penalty(PenalizedOptimizer):
                  schedule: Callable[[int], float] | None = None, penalty_growth: float = 10.0,
                  max_penalty: float = 1e4, violation_decrease: float = 0.25, update_every: int = 100,
                  tol_opt: float | None = None, tol_ineq: float | None = None, tol_eq: float | None = None,
-                 **optimizer_options):
+                 process_group=None, **optimizer_options):
         if kind not in _KINDS:
             raise ValueError(f"kind must be 'quadratic' or 'l1', got {kind!r}")
         if schedule is not None and not callable(schedule):
@@ -68,7 +72,8 @@ class Penalty(PenalizedOptimizer):
                         violation_decrease=violation_decrease, update_every=update_every)
         self._options = defaults
         self._schedule = schedule
-        super().__init__(params, constraints, optimizer, optimizer_options, defaults, tol_opt, tol_ineq, tol_eq)
+        super().__init__(params, constraints, optimizer, optimizer_options, defaults, tol_opt, tol_ineq, tol_eq,
+                         process_group)
 
     def _observe(self, c: Tensor) -> bool:
         st = self._state

@@ -50,6 +50,10 @@ class ProjectedGradient(ConstrainedOptimizer):
         step: ``"fixed"`` (default), ``"spg"`` or ``"apgd"`` (see the module doc; both need a closure).
         apgd_steps: the budget N of the APGD checkpoints (required with ``step="apgd"``).
         tol_opt, tol_ineq, tol_eq: certificate tolerances (:meth:`certify`); default ``max(1e-6, 100 eps)``.
+        process_group: data-parallel runs: ``None`` (default) reduces constraint values, the optimizer's own
+            gradient products, loss values and certificates over the default process group when
+            ``torch.distributed`` is initialized (see :mod:`constrained_optim.distributed`); a ProcessGroup
+            to use another group; ``False`` never communicates.
         **optimizer_options: forwarded to the inner optimizer class.
     """
 
@@ -58,7 +62,7 @@ class ProjectedGradient(ConstrainedOptimizer):
     def __init__(self, params: Iterable, sets: Sequence[Set] | None = None, constraints: Sequence | None = None,
                  optimizer=None, *, lr: float = 1e-3, step: str = "fixed", apgd_steps: int | None = None,
                  tol_opt: float | None = None, tol_ineq: float | None = None, tol_eq: float | None = None,
-                 **optimizer_options):
+                 process_group=None, **optimizer_options):
         check_positive("lr", lr)
         if step not in _STEPS:
             raise ValueError(f"step must be one of {_STEPS}, got {step!r}")
@@ -72,7 +76,7 @@ class ProjectedGradient(ConstrainedOptimizer):
             raise TypeError(f"unexpected options {sorted(optimizer_options)} (no inner optimizer given)")
         all_sets = _collect_sets(sets, constraints)
         defaults = dict(lr=lr, step=step, apgd_steps=apgd_steps)
-        super().__init__(params, all_sets, defaults, tol_opt, tol_ineq, tol_eq)
+        super().__init__(params, all_sets, defaults, tol_opt, tol_ineq, tol_eq, process_group)
         self._sets = all_sets
         _check_sets_on_params(all_sets, self._flat.params)
         self._inner = (build_inner(optimizer, self.param_groups, optimizer_options)
@@ -178,6 +182,7 @@ class ProjectedGradient(ConstrainedOptimizer):
             if all(p.grad is None for p in self._flat.params):
                 raise ValueError("ProjectedGradient.step() without a closure needs the gradients of a "
                                  "loss.backward() run before it; or pass a closure")
+            self._check_replicas(self._flat)
             return None, self._flat.grad()
         loss, ran = self._call(closure)
         if loss is None:
@@ -188,7 +193,8 @@ class ProjectedGradient(ConstrainedOptimizer):
             self.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss.backward()
-        return loss.detach(), self._flat.grad()
+        self._check_replicas(self._flat)
+        return self._mean_loss(loss.detach()), self._flat.grad()
 
     def _fixed(self, g: Tensor) -> None:
         if self._inner is not None:
@@ -220,7 +226,7 @@ class ProjectedGradient(ConstrainedOptimizer):
                 self.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     f_trial.backward()
-            f_trial = f_trial.detach()
+            f_trial = self._mean_loss(f_trial.detach())
             # sufficient decrease f(x₊) <= f(x) − c₁‖x₊ − x‖²/α: valid for nonconvex sets too
             if math.isfinite(float(f_trial)) and float(f_trial) <= f0 - _C1 * moved / alpha:
                 g_trial = self._flat.grad()

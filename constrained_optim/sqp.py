@@ -29,6 +29,7 @@ from ._flat import FlatParams
 from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
+from .distributed import DataParallel, check_option
 from .hessian import LBFGS, DenseBFGS
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .qp import QPResult
@@ -69,7 +70,7 @@ class _Point:
         return bool(torch.isfinite(self.jacobian()).all())
 
 
-class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
+class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
     r"""Minimize ``f(x)`` subject to ``c_I(x) <= 0`` and ``c_E(x) = 0`` by BFGS-SQP with steering.
 
     ``step(closure)`` performs one outer iteration; the closure is the ordinary torch.optim closure
@@ -104,6 +105,12 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             ``pip install --no-deps qpth``). The certificate's multiplier fit always uses the builtin
             solver, so that the certificate does not depend on an optional backend's accuracy.
         seed: seed of the generator used for the rare random perturbation off a kink (0).
+        process_group: data-parallel runs (full batch per rank, the objective is the mean of the ranks'
+            losses): ``None`` (default) reduces the loss value, the constraint values and the Jacobian over the
+            default process group when ``torch.distributed`` is initialized — one all-gather and, when the
+            Jacobian is needed, one all-reduce per evaluation — so that every rank takes the same steps and
+            reports the same certificate (see :mod:`constrained_optim.distributed`); a ProcessGroup to use
+            another group; ``False`` never communicates.
     """
 
     def __init__(self, params: Iterable[Tensor], constraints: Sequence[Constraint] | None = None, *,
@@ -111,8 +118,10 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                  tol_ineq: float | None = None, tol_eq: float | None = None, c_v: float = 0.1,
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
                  max_ls_evals: int = 50, max_stall: int = 5, ngrad: int | None = None, sample_radius: float | None = None,
-                 damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0):
+                 damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0, process_group=None):
         check_positive("mu0", mu0)
+        check_option(process_group)
+        self._process_group = process_group
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
         for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
@@ -263,10 +272,13 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         if all(p.grad is None for p in flat.params):
             raise ValueError("after the closure no parameter has a .grad: the closure must call loss.backward() "
                              "(and the loss must depend on the parameters)")
-        g = flat.grad().to(_WORK)
         values = evaluate(self._constraints, flat, check_dependence="x" not in st)
-        return _Point(x=x, f=float(loss.detach()), g=g, c=values.c.to(_WORK), values=values,
-                      loss=loss.detach())
+        loss = loss.detach()
+        if self._reducer() is not None:
+            loss = values.synchronize(self._reducer(), loss)
+            self._check_replicas(flat)
+        g = flat.grad().to(_WORK)
+        return _Point(x=x, f=float(loss), g=g, c=values.c.to(_WORK), values=values, loss=loss)
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""

@@ -439,7 +439,7 @@ def test_certificate_metrics():
     (dict(logging_interval="batch"), "logging_interval"),
     (dict(logging_interval=None), "logging_interval"),
     (dict(prog_bar=1), "prog_bar"),
-    (dict(sync_dist=None), "sync_dist"),
+    (dict(sync_dist="yes"), "sync_dist"),
 ])
 def test_argument_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -449,7 +449,7 @@ def test_argument_validation(kwargs, name):
 def test_defaults():
     monitor = ConstraintMonitor()
     assert (monitor.stop_on_certificate, monitor.logging_interval, monitor.prog_bar, monitor.sync_dist) == \
-        (False, "step", False, False)
+        (False, "step", False, None)
 
 
 # ---------------------------------------------------------------------------------------------- (h) lazy import
