@@ -24,16 +24,17 @@ gives every gradient — and m batched vector-Jacobian products give all B const
 Σ_b μ_b f_b + w_bᵀc_b; ∇f and J are computed once per step, at the accepted points (one more closure call).
 The first evaluation checks the independence with one random weighted product.
 
-Differences from ConstrainedSQP: no random perturbation off a kink (a problem whose line search fails with
-H_b = I stops with a STALLED or INFEASIBLE status); a problem whose line search fails with a learned H_b
-resets it (or, when φ_b looks unbounded below at an infeasible point, lowers μ_b) and tries again at the
-next step without moving, where ConstrainedSQP retries within the same step (the same iterates, counted
-differently).
+Differences from ConstrainedSQP: a problem whose line search fails with a learned H_b resets it (or, when
+φ_b looks unbounded below at an infeasible point, lowers μ_b) and tries again at the next step without
+moving, where ConstrainedSQP retries within the same step (the same iterates, counted differently); the
+random perturbation off a kink is seeded by the problem's own point, not by a generator shared by the
+batch.
 Internally every vector is float64, whatever the parameters' dtype; parameters keep their dtype and device.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -48,7 +49,7 @@ from .hessian import BatchedDenseBFGS, BatchedLBFGS
 from .linesearch import BatchedOutcome, weak_wolfe_batched
 from .qp import QPResult
 from .sets import Set
-from .sqp import _AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _SAMPLE_QP_LIMIT, check_options
+from .sqp import _AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _RESCUES, _SAMPLE_QP_LIMIT, check_options
 from .steering import BatchedDirection, Steering, violation, violation_weights
 
 _WORK = torch.float64
@@ -148,6 +149,7 @@ class BatchedSQP(torch.optim.Optimizer):
             with the batch dimension first, e.g. ``co.ineq(lambda: torch.stack([-x, x - 1], -1))``.
         mu0, tol_opt, tol_ineq, tol_eq, c_v, c_mu, max_steering, c1, c2, max_ls_evals, max_stall, ngrad,
             sample_radius, damping, qp_solver: as in :class:`~constrained_optim.ConstrainedSQP`, per problem.
+        seed: added to a hash of a problem's point to seed its rare random perturbation off a kink (0).
         memory: ``None`` (default): dense BFGS, one (n, n) matrix per problem, when n <= 4096 and
             B·n² <= 2²⁵, otherwise L-BFGS with 20 pairs; an int k > 0: L-BFGS with k pairs per problem.
 
@@ -155,8 +157,8 @@ class BatchedSQP(torch.optim.Optimizer):
     each problem (B·k·m·n numbers; ``ngrad=1`` turns it off) and fits the sampled multipliers problem by
     problem, only for problems whose iterates have nearly stopped moving without a certificate.
 
-    Not in this version (ConstrainedSQP has them): the random perturbation off a kink, ``add_param_group``
-    after construction, best/most feasible point bookkeeping, ``co.minimize`` support.
+    Not in this version (ConstrainedSQP has them): ``add_param_group`` after construction, best/most feasible
+    point bookkeeping, ``co.minimize`` support.
     """
 
     def __init__(self, params: Iterable[Tensor], constraints: Sequence[Constraint] | None = None, *,
@@ -164,12 +166,12 @@ class BatchedSQP(torch.optim.Optimizer):
                  tol_ineq: float | None = None, tol_eq: float | None = None, c_v: float = 0.1,
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
                  max_ls_evals: int = 50, max_stall: int = 5, ngrad: int | None = None,
-                 sample_radius: float | None = None, damping: float = 0.2, qp_solver: str = "builtin"):
+                 sample_radius: float | None = None, damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0):
         defaults = dict(mu0=mu0, memory=memory, tol_opt=tol_opt, tol_ineq=tol_ineq, tol_eq=tol_eq, c_v=c_v,
                         c_mu=c_mu, max_steering=max_steering, c1=c1, c2=c2, max_ls_evals=max_ls_evals,
                         max_stall=max_stall, ngrad=ngrad, sample_radius=sample_radius, damping=damping,
-                        qp_solver=qp_solver)
-        check_options(**defaults)
+                        qp_solver=qp_solver, seed=seed)
+        check_options(**{k: v for k, v in defaults.items() if k != "seed"})
         super().__init__(params, defaults)
         self._flat = BatchedFlatParams([p for group in self.param_groups for p in group["params"]])
         sets = [type(c).__name__ for c in (constraints or []) if isinstance(c, Set)]
@@ -392,7 +394,7 @@ class BatchedSQP(torch.optim.Optimizer):
             self._allocate(point)
         idx = mask.nonzero().squeeze(-1)
         st["t0"][idx] = 1.0
-        st["expansions"][idx] = st["stalls"][idx] = st["mu_cuts"][idx] = 0
+        st["expansions"][idx] = st["stalls"][idx] = st["mu_cuts"][idx] = st["rescues"][idx] = 0
         if "samples" in st:
             st["samples"]["stamp"][idx] = -1
         st["x"], st["point"] = point.x, point
@@ -410,7 +412,7 @@ class BatchedSQP(torch.optim.Optimizer):
         st["mu"] = torch.full((B,), float(self.defaults["mu0"]), **work)
         st["g_ref"] = point.g.abs().amax(-1) if n else torch.zeros(B, **work)
         st["t0"] = torch.ones(B, **work)
-        for key in ("iteration", "expansions", "stalls", "mu_cuts"):
+        for key in ("iteration", "expansions", "stalls", "mu_cuts", "rescues"):
             st[key] = torch.zeros(B, **count)
         st["status"] = torch.full((B,), _IN_PROGRESS, **count)
         st["cert"] = {key: torch.full((B,), float("inf"), **work) for key in
@@ -435,41 +437,70 @@ class BatchedSQP(torch.optim.Optimizer):
         result = self._search(closure, idx, P, d, mu, g0)
         outcome = result.outcome
         failed = outcome == BatchedOutcome.FAILED
-        self._no_step(idx, P, failed)
-        if bool(failed.all()):
-            return
-        trial = result.trial
-        infeasible_after = ~self._feasible(trial.c)
-        # φ may be unbounded below along d for this μ: retry next step with μ/10
-        cut = ~failed & (outcome == BatchedOutcome.EXPANSION_LIMIT) & infeasible_after & (st["mu_cuts"][idx] < _MU_CUTS)
-        st["mu"][idx[cut]] = 0.1 * mu[cut]
-        st["mu_cuts"][idx[cut]] += 1
-        ok = ~failed & ~cut
-        if not bool(ok.any()):
-            return
-        # the accepted points, with ∇f and J for the next QP and the certificate (one more closure call)
+        rescue = self._no_step(idx, P, failed, rescue=True)
         x = st["x"].clone()
-        x[idx[ok]] = trial.x[ok]
-        new = self._evaluate(closure, x).rows(idx)
-        unusable = ok & ~new.finite          # ∇φ was finite there, but not all of ∇f and J
-        self._no_step(idx, P, unusable)
-        ok = (ok & ~unusable).nonzero().squeeze(-1)
-        if not ok.numel():
+        x[idx[rescue]] = self._perturb(P.x[rescue])
+        ok, trial = torch.zeros_like(failed), result.trial
+        if trial is not None:
+            infeasible_after = ~self._feasible(trial.c)
+            # φ may be unbounded below along d for this μ: retry next step with μ/10
+            cut = ~failed & (outcome == BatchedOutcome.EXPANSION_LIMIT) & infeasible_after & \
+                (st["mu_cuts"][idx] < _MU_CUTS)
+            st["mu"][idx[cut]] = 0.1 * mu[cut]
+            st["mu_cuts"][idx[cut]] += 1
+            ok = ~failed & ~cut
+            x[idx[ok]] = trial.x[ok]
+        if not bool((ok | rescue).any()):
             return
-        # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
-        y_dual = torch.where(direction.qp_ok[:, None], direction.y, violation_weights(P.c, p))
-        self._advance(idx[ok], P.rows(ok), new.rows(ok), mu[ok], y_dual[ok], outcome[ok], result.t[ok],
-                      infeasible_after[ok])
+        # the new points, with ∇f and J for the next QP and the certificate (one more closure call)
+        new = self._evaluate(closure, x).rows(idx)
+        unusable = (ok | rescue) & ~new.finite          # ∇φ was finite there, but not all of ∇f and J
+        self._no_step(idx, P, unusable, rescue=False)
+        rescued = (rescue & ~unusable).nonzero().squeeze(-1)
+        if rescued.numel():
+            self._restart_near(idx[rescued], new.rows(rescued))
+        ok = (ok & ~unusable).nonzero().squeeze(-1)
+        if ok.numel():
+            # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
+            y_dual = torch.where(direction.qp_ok[:, None], direction.y, violation_weights(P.c, p))
+            self._advance(idx[ok], P.rows(ok), new.rows(ok), mu[ok], y_dual[ok], outcome[ok], result.t[ok],
+                          infeasible_after[ok])
 
-    def _no_step(self, idx: Tensor, P: _Points, rows: Tensor) -> None:
+    def _no_step(self, idx: Tensor, P: _Points, rows: Tensor, rescue: bool) -> Tensor:
         """The problems ``idx[rows]`` found no acceptable step: with a learned H they retry next step from
-        H = I; with H = I they stop (stalled or infeasible)."""
-        H = self._state["hessian"]
+        H = I; with H = I, and ``rescue``, at most ``_RESCUES`` times per run they move to a random point
+        nearby (torch's subgradient at a kink, 0 for |·| at 0, can fake a descent direction; rounding can make
+        a descent direction look ascending); otherwise they stop (stalled or infeasible). Returns the rows to
+        move at random."""
+        st = self._state
+        H = st["hessian"]
         retry = rows & (H.updates[idx] > 0)
         H.reset(idx[retry])
-        stuck = (rows & ~retry).nonzero().squeeze(-1)
-        if stuck.numel():
-            self._state["status"][idx[stuck]] = self._stop_status(P.rows(stuck))
+        stuck = rows & ~retry
+        moved = stuck & (st["rescues"][idx] < _RESCUES) if rescue else torch.zeros_like(stuck)
+        st["rescues"][idx[moved]] += 1
+        stop = (stuck & ~moved).nonzero().squeeze(-1)
+        if stop.numel():
+            st["status"][idx[stop]] = self._stop_status(P.rows(stop))
+        return moved
+
+    def _perturb(self, x: Tensor) -> Tensor:
+        """x + r u / ‖u‖ per row, r = sample_radius · max(1, ‖x‖∞), u standard normal from a generator seeded by
+        ``seed`` and the row's own bits (so that a problem's path does not depend on the rest of the batch)."""
+        if not x.shape[0]:
+            return x
+        radius = self._radius * x.abs().amax(-1).clamp(min=1.0)
+        u = torch.stack([torch.randn(x.shape[-1], dtype=_WORK, generator=torch.Generator().manual_seed(
+            self.defaults["seed"] + zlib.crc32(row.cpu().numpy().tobytes()))) for row in x]).to(x.device)
+        return x + radius[:, None] * u / u.norm(dim=-1, keepdim=True)
+
+    def _restart_near(self, idx: Tensor, new: _Points) -> None:
+        """Accept the random points of the problems ``idx`` (H = I, as in ConstrainedSQP)."""
+        st = self._state
+        st["iteration"][idx] += 1
+        st["x"][idx] = new.x
+        st["point"].put(idx, new)
+        self._accept(idx, torch.full_like(idx, _IN_PROGRESS))
 
     def _direction(self, P: _Points, idx: Tensor, mu: Tensor) -> BatchedDirection:
         """Steered directions of the problems ``idx``; where a QP fails with a learned H, H is reset and the QP
@@ -733,7 +764,7 @@ class BatchedSQP(torch.optim.Optimizer):
         return saved
 
 
-_TENSORS = ("x", "mu", "g_ref", "t0", "iteration", "expansions", "stalls", "mu_cuts", "status")
+_TENSORS = ("x", "mu", "g_ref", "t0", "iteration", "expansions", "stalls", "mu_cuts", "rescues", "status")
 
 
 def _least_norm_correction(J: Tensor, c: Tensor, r: Tensor, p: int) -> tuple[Tensor, Tensor]:

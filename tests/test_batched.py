@@ -279,8 +279,9 @@ def test_state_dict_round_trip_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_nonsmooth_problems_claim_convergence_only_near_the_optimum():
-    # nonsmooth Rosenbrock, 8 random starts: a certificate (possibly from sampled gradients) must be right
-    fopt = (1 - 1 / math.sqrt(2)) ** 2
+    # nonsmooth Rosenbrock, 8 random starts: a certificate (possibly from sampled gradients, which says that x
+    # is within sample_radius = 1e-8 of a point where the gradients nearly cancel) must be right
+    fopt, xopt = (1 - 1 / math.sqrt(2)) ** 2, torch.tensor([1 / math.sqrt(2), 0.5], dtype=F64)
     x = (torch.rand(8, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * 6 - 3).requires_grad_()
     opt = co.BatchedSQP([x], [co.ineq(lambda: torch.stack([math.sqrt(2) * x[:, 0] - 1, 2 * x[:, 1] - 1], -1))])
 
@@ -289,9 +290,21 @@ def test_nonsmooth_problems_claim_convergence_only_near_the_optimum():
     _solve(opt, closure, max_steps=400)
     f = closure().detach()
     converged = opt.converged
-    assert int(converged.sum()) >= 4
-    assert bool(((f[converged] - fopt).abs() <= 1e-6 * fopt).all())
+    assert int(converged.sum()) >= 6
+    assert bool(((x.detach()[converged] - xopt).abs() <= 1e-7).all())
+    assert bool(((f[converged] - fopt).abs() <= 1e-5 * fopt).all())
     assert max(cert.samples for cert in opt.certificates) > 1       # certified from sampled gradients
+    assert int(opt._state["rescues"].sum()) >= 1                    # a stalled start was moved off its kink
+
+
+def test_identical_problems_in_one_batch_get_identical_answers():
+    # the nonsmooth Rosenbrock from the kink (1, 1) twice, and from elsewhere
+    x = torch.tensor([[1.0, 1.0], [-2.0, 2.0], [1.0, 1.0]], dtype=F64, requires_grad=True)
+    opt = co.BatchedSQP([x], [co.ineq(lambda: torch.stack([math.sqrt(2) * x[:, 0] - 1, 2 * x[:, 1] - 1], -1))])
+    _solve(opt, lambda: 8 * (x[:, 0] ** 2 - x[:, 1]).abs() + (1 - x[:, 0]) ** 2)
+    assert bool(opt.converged.all())
+    assert torch.equal(x.detach()[0], x.detach()[2])
+    assert torch.allclose(x.detach(), torch.tensor([1 / math.sqrt(2), 0.5], dtype=F64).expand(3, 2), atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------- bad input
