@@ -128,9 +128,10 @@ def one_at_a_time(net, X, y, box: bool, batched: bool) -> dict:
 
 def summarize(name: str, run: dict, reference: dict | None) -> dict:
     converged = torch.tensor([s is co.Status.CONVERGED for s in run["status"]])
+    others = sorted({s.name for s in run["status"]} - {"CONVERGED"})
     row = {"name": name, "seconds": run["seconds"], "converged": int(converged.sum()), "count": len(converged),
-           "status": run["status"], "radius": run["radius"],
-           "median": float(run["radius"][converged].median()) if converged.any() else float("nan")}
+           "status": run["status"], "radius": run["radius"], "certified": converged,
+           "others": ", ".join(f"{sum(s.name == o for s in run['status'])} {o}" for o in others)}
     if reference is not None:
         both = converged & torch.tensor([s is co.Status.CONVERGED for s in reference["status"]])
         gap = (run["radius"] - reference["radius"]).abs()[both]
@@ -165,13 +166,20 @@ def main(argv=None) -> dict:
         rows.append(summarize("BatchedSQP, B = 1, one at a time", one_at_a_time(net, X, y, args.box, batched=True),
                               batch))
 
+    everywhere = torch.stack([row["certified"] for row in rows]).all(0)
     print(f"\n{'solver':<34} {'certified':>10} {'wall time':>10} {'time/batch':>10} {'median radius':>14} "
           f"{'max |r - r_batch|':>18}")
     for row in rows:
+        row["median"] = float(row["radius"][everywhere].median()) if everywhere.any() else float("nan")
         ratio = f"{row['ratio']:.1f}x" if "ratio" in row else "1.0x"
         gap = f"{row['max_gap']:.1e} ({row['both']})" if "max_gap" in row else "-"
         print(f"{row['name']:<34} {row['converged']:>4}/{row['count']:<5} {row['seconds']:>9.1f}s {ratio:>10} "
               f"{row['median']:>14.6f} {gap:>18}")
+    print(f"(median over the {int(everywhere.sum())} images certified in every run; max |r - r_batch| over the images "
+          "certified by both, their number in brackets)")
+    for row in rows:
+        if row["others"]:
+            print(f"{row['name']}, not certified: {row['others']}")
 
     certified = torch.tensor([s is co.Status.CONVERGED for s in batch["status"]])
     with torch.no_grad():
@@ -190,7 +198,8 @@ def main(argv=None) -> dict:
         print(f"{row['name']}: {len(both) - len(apart)} of {len(both)} images certified by both within "
               f"{AGREEMENT:g}" + "".join(f"; image {i}: r_batch {rb:.6f}, r {r:.6f}" for i, rb, r in apart[:5]))
     agree = all(row.get("max_gap", 0.0) <= AGREEMENT for row in rows)
-    return {"rows": rows, "valid": valid, "agree": agree}
+    return {"rows": [{k: v for k, v in row.items() if k not in ("status", "radius", "certified")} for row in rows],
+            "valid": valid, "agree": agree}
 
 
 if __name__ == "__main__":
