@@ -210,10 +210,6 @@ class BatchedSQP(torch.optim.Optimizer):
         return self.state[self._flat.params[0]]
 
     @property
-    def batch_size(self) -> int:
-        return self._flat.batch
-
-    @property
     def nfev(self) -> int:
         """Closure calls so far (each evaluates all B problems)."""
         return self._state.get("nfev", 0)
@@ -246,7 +242,9 @@ class BatchedSQP(torch.optim.Optimizer):
     def iterations(self) -> Tensor:
         """(B,) int: accepted steps of each problem."""
         st = self._state
-        return st["iteration"].clone() if "iteration" in st else torch.zeros(self._flat.batch, dtype=torch.int64)
+        if "iteration" not in st:
+            return torch.zeros(self._flat.batch, dtype=torch.int64, device=self._flat.device)
+        return st["iteration"].clone()
 
     @property
     def certificates(self) -> list[Certificate]:
