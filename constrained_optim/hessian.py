@@ -148,7 +148,7 @@ class BatchedDenseBFGS:
     """B inverse BFGS matrices stored densely, (B, n, n)."""
 
     def __init__(self, batch: int, n: int, dtype: torch.dtype, device: torch.device, damping: float = 1e-4):
-        self.batch, self.n, self.damping = batch, n, damping
+        self.n, self.damping = n, damping
         self.H = torch.eye(n, dtype=dtype, device=device).repeat(batch, 1, 1)
         self.updates = torch.zeros(batch, dtype=torch.int64, device=device)
 
@@ -191,7 +191,7 @@ class BatchedLBFGS:
 
     def __init__(self, batch: int, n: int, dtype: torch.dtype, device: torch.device, memory: int,
                  damping: float = 1e-4):
-        self.batch, self.n, self.memory, self.damping = batch, n, memory, damping
+        self.memory, self.damping = memory, damping
         self.S = torch.zeros(batch, memory, n, dtype=dtype, device=device)
         self.Y = torch.zeros_like(self.S)
         self.count = torch.zeros(batch, dtype=torch.int64, device=device)   # pairs held, <= memory

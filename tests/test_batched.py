@@ -376,3 +376,77 @@ def test_robustness_benchmark_quick_mode_agrees_with_one_at_a_time():
     batch, single = outcome["rows"][:2]
     assert batch["converged"] >= batch["count"] - 1 and single["converged"] >= single["count"] - 1
     assert single["both"] >= single["count"] - 2 and single["max_gap"] <= 1e-4
+
+
+# ------------------------------------------------------------- batched building blocks vs the single versions
+def test_batched_bfgs_matches_one_approximation_per_problem():
+    from constrained_optim.hessian import LBFGS, BatchedDenseBFGS, BatchedLBFGS, DenseBFGS
+    gen = torch.Generator().manual_seed(8)
+    B, n = 3, 5
+    for batched, single in ((BatchedDenseBFGS(B, n, F64, "cpu", 0.2), lambda: DenseBFGS(n, F64, "cpu", 0.2)),
+                            (BatchedLBFGS(B, n, F64, "cpu", 3, 0.2), lambda: LBFGS(n, F64, "cpu", 3, 0.2))):
+        singles = [single() for _ in range(B)]
+        for step in range(8):
+            s = torch.randn(B, n, generator=gen, dtype=F64)
+            y = torch.randn(B, n, generator=gen, dtype=F64) + (step % 2) * s     # some pairs get damped or skipped
+            idx = torch.tensor([0, 2]) if step % 3 == 0 else torch.arange(B)     # problem 1 sometimes sits out
+            kept = batched.update(s[idx], y[idx], idx)
+            assert kept.tolist() == [singles[b].update(s[b], y[b]) for b in idx.tolist()]
+        V = torch.randn(B, n, 4, generator=gen, dtype=F64)
+        HV = batched.apply(V, torch.arange(B))
+        for b in range(B):
+            assert torch.allclose(HV[b], singles[b].apply(V[b]), rtol=1e-10, atol=1e-12)
+
+
+def test_batched_weak_wolfe_follows_the_single_search_in_every_row():
+    from constrained_optim.linesearch import BatchedOutcome, weak_wolfe, weak_wolfe_batched
+
+    class Trial(list):
+        def where(self, mask, other):
+            return Trial(a if m else b for a, m, b in zip(self, mask.tolist(), other))
+    # φ(t) per row: quadratic (Wolfe at 1), needs bisection, needs expansion, |t − 1| kink, unbounded below
+    rows = [(lambda t: (t - 3) ** 2, lambda t: 2 * (t - 3)), (lambda t: (t - 0.1) ** 2, lambda t: 2 * (t - 0.1)),
+            (lambda t: (t - 50) ** 2, lambda t: 2 * (t - 50)), (lambda t: abs(t - 1), lambda t: math.copysign(1, t - 1)),
+            (lambda t: -t, lambda t: -1.0)]
+
+    def evaluate(t, active):
+        ts = t.tolist()
+        return (torch.tensor([phi(v) for (phi, _), v in zip(rows, ts)], dtype=F64),
+                torch.tensor([dphi(v) for (_, dphi), v in zip(rows, ts)], dtype=F64), Trial(ts))
+    phi0 = torch.tensor([phi(0.0) for phi, _ in rows], dtype=F64)
+    g0 = torch.tensor([dphi(0.0) for _, dphi in rows], dtype=F64)
+    result = weak_wolfe_batched(evaluate, phi0, g0, torch.ones(len(rows), dtype=F64),
+                                torch.ones(len(rows), dtype=torch.bool))
+    for k, (phi, dphi) in enumerate(rows):
+        single = weak_wolfe(lambda t: (phi(t), lambda: dphi(t), t), phi(0.0), dphi(0.0))
+        assert BatchedOutcome(int(result.outcome[k])).name == single.outcome.name
+        assert float(result.t[k]) == single.t and result.trial[k] == single.trial
+
+
+def test_batched_steering_and_multiplier_fit_match_the_single_versions():
+    from constrained_optim import stationarity
+    from constrained_optim.hessian import DenseBFGS
+    from constrained_optim.steering import Steering
+    gen = torch.Generator().manual_seed(9)
+    A, n, m, p = 5, 4, 3, 2
+    g = torch.randn(A, n, generator=gen, dtype=F64)
+    J = torch.randn(A, m, n, generator=gen, dtype=F64)
+    c = torch.randn(A, m, generator=gen, dtype=F64)
+    c[0] = torch.tensor([-1.0, -2.0, 0.0])        # feasible: test 1 passes at once
+    mu = torch.tensor([1.0, 1.0, 1e3, 0.5, 1e4], dtype=F64)   # a large μ fails the steering tests
+    steering = Steering(slack=1e-10)
+    batched = steering.batch_direction(g, c, J, p, lambda V: V, mu)
+    assert bool((batched.mu < mu).any())           # some problem needed a smaller penalty
+    for a in range(A):
+        single = Steering(slack=1e-10).direction(g[a], c[a], J[a], p, DenseBFGS(n, F64, "cpu"), float(mu[a]))
+        assert float(batched.mu[a]) == pytest.approx(single.mu, rel=1e-12)
+        assert torch.allclose(batched.d[a], single.d, atol=1e-8)
+    scale = g.abs().amax(-1)
+    fit = stationarity.measure_batched(g, J, c, p, scale, 1e-8)
+    infeasible = stationarity.infeasibility_batched(J, c, p, 1e-8, 1e-8)
+    for a in range(A):
+        single = stationarity.measure(g[a][None], J[a][None], c[a], p, float(scale[a]), 1e-8)
+        assert float(fit.stationarity[a]) == pytest.approx(single.stationarity, abs=1e-12)
+        assert float(fit.complementarity[a]) == pytest.approx(single.complementarity, abs=1e-12)
+        assert torch.allclose(fit.multipliers[a], single.multipliers, atol=1e-10)
+        assert float(infeasible[a]) == pytest.approx(stationarity.infeasibility(J[a], c[a], p, 1e-8, 1e-8), abs=1e-12)
