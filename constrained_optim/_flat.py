@@ -11,6 +11,30 @@ import torch
 from torch import Tensor
 
 
+def _checked(params: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters as a list, once checked: floating point, dense, leaves that require grad, one dtype
+    and one device."""
+    params = list(params)
+    if not params:
+        raise ValueError("the optimizer got an empty parameter list")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameter {i} is a {type(p).__name__}, expected a torch.Tensor")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {i} has dtype {p.dtype}; only real floating dtypes can be optimized")
+        if not p.requires_grad:
+            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) does not require grad")
+        if p.is_sparse:
+            raise TypeError(f"parameter {i} is sparse; constrained optimizers need dense parameters")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1:
+        raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; use one dtype")
+    if len(devices) > 1:
+        raise TypeError(f"parameters live on different devices {sorted(map(str, devices))}; use one device")
+    return params
+
+
 class FlatParams:
     """A fixed list of parameter tensors seen as one vector ``x``.
 
@@ -19,24 +43,7 @@ class FlatParams:
     """
 
     def __init__(self, params: Sequence[Tensor]):
-        params = list(params)
-        if not params:
-            raise ValueError("the optimizer got an empty parameter list")
-        for i, p in enumerate(params):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"parameter {i} is a {type(p).__name__}, expected a torch.Tensor")
-            if not p.is_floating_point():
-                raise TypeError(f"parameter {i} has dtype {p.dtype}; only real floating dtypes can be optimized")
-            if not p.requires_grad:
-                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) does not require grad")
-            if p.is_sparse:
-                raise TypeError(f"parameter {i} is sparse; constrained optimizers need dense parameters")
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
-        if len(dtypes) > 1:
-            raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; use one dtype")
-        if len(devices) > 1:
-            raise TypeError(f"parameters live on different devices {sorted(map(str, devices))}; use one device")
+        params = _checked(params)
         self.params = params
         self.numels = [p.numel() for p in params]
         self.n = sum(self.numels)
@@ -80,3 +87,48 @@ class FlatParams:
             else:
                 out.append(t.reshape(*batch_shape, p.numel()))
         return torch.cat(out, dim=-1)
+
+
+class BatchedFlatParams:
+    """Parameters that hold ``B`` independent problems, seen as one matrix ``X ∈ R^{B×n}``.
+
+    Every parameter has the same leading (batch) dimension ``B``; problem ``b`` owns slice ``[b]`` of each,
+    and row ``b`` of ``X`` is those slices flattened and concatenated in order.
+    """
+
+    def __init__(self, params: Sequence[Tensor]):
+        params = _checked(params)
+        shapes = [tuple(p.shape) for p in params]
+        if any(p.dim() == 0 for p in params) or len({p.shape[0] for p in params}) > 1 or params[0].shape[0] == 0:
+            raise ValueError(f"every parameter needs the same leading (batch) dimension B >= 1, one slice per "
+                             f"problem; got shapes {shapes}")
+        self.params = params
+        self.batch = params[0].shape[0]
+        self.numels = [p[0].numel() for p in params]
+        self.n = sum(self.numels)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+
+    def get(self) -> Tensor:
+        """X (B, n): a detached copy of the parameters, one row per problem."""
+        return torch.cat([p.detach().reshape(self.batch, -1) for p in self.params], dim=1).clone()
+
+    @torch.no_grad()
+    def set(self, x: Tensor) -> None:
+        """Write the rows of ``x`` (B, n) into the parameters (in place)."""
+        for p, chunk in zip(self.params, x.split(self.numels, dim=-1)):
+            p.copy_(chunk.reshape(p.shape))
+
+    def flatten(self, tensors: Iterable[Tensor | None], batch_shape: tuple[int, ...] = ()) -> Tensor:
+        """Concatenate per-parameter tensors of shape ``batch_shape + p.shape`` into ``batch_shape + (B, n)``."""
+        out = []
+        for p, t in zip(self.params, tensors):
+            if t is None:
+                out.append(torch.zeros(*batch_shape, self.batch, p[0].numel(), dtype=p.dtype, device=p.device))
+            else:
+                out.append(t.reshape(*batch_shape, self.batch, -1))
+        return torch.cat(out, dim=-1)
+
+    def grad(self) -> Tensor:
+        """The parameters' ``.grad`` as (B, n) (a missing grad counts as zero)."""
+        return self.flatten([None if p.grad is None else p.grad.detach() for p in self.params])

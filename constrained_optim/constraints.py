@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._flat import FlatParams
+from ._flat import BatchedFlatParams, FlatParams
 from .distributed import REDUCTIONS
 
 _KINDS = ("ineq", "eq")
@@ -70,8 +70,11 @@ class Constraint:
         reduce = f", reduce={self.reduce!r}" if self.reduce != "mean" else ""
         return f"{self.kind}({self.name!r}{fold}{reduce})"
 
-    def values(self) -> Tensor:
-        """The constraint's scalar rows at the current parameters: ``fn()`` flattened, then folded."""
+    def values(self, batch: int | None = None) -> Tensor:
+        """The constraint's scalar rows at the current parameters: ``fn()`` flattened, then folded.
+
+        With ``batch = B`` (B independent problems) the value must have shape (B, ...); it is flattened and
+        folded per problem into (B, r)."""
         value = self.fn()
         if not isinstance(value, Tensor):
             raise TypeError(
@@ -79,21 +82,25 @@ class Constraint:
                 "computed from the parameters (so that it can be differentiated)")
         if not value.is_floating_point():
             raise TypeError(f"constraint {self.name!r} returned dtype {value.dtype}; expected a floating tensor")
-        return _fold(value.reshape(-1), self.kind, self.fold)
+        if batch is None:
+            return _fold(value.reshape(-1), self.kind, self.fold)
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise ValueError(f"constraint {self.name!r} returned shape {tuple(value.shape)}; with {batch} independent "
+                             f"problems it must have shape ({batch}, ...): one slice per problem, batch first")
+        return _fold(value.reshape(batch, -1), self.kind, self.fold)
 
 
 def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
-    if fold is None or c.numel() == 0:
+    """Fold the last dimension of ``c`` (..., r) into one row (..., 1) (unchanged for ``fold=None``)."""
+    if fold is None or c.shape[-1] == 0:
         return c
     if fold == "max":
-        folded = c.max() if kind == "ineq" else c.abs().max()
-    else:
-        r = c.clamp(min=0) if kind == "ineq" else c
-        # ‖r‖₂ = s ‖r / s‖₂ with s = ‖r‖∞: squaring tiny violations must not underflow to "feasible"
-        scale = r.detach().abs().max()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        folded = scale * torch.linalg.vector_norm(r / scale)
-    return folded.reshape(1)
+        return c.amax(-1, keepdim=True) if kind == "ineq" else c.abs().amax(-1, keepdim=True)
+    r = c.clamp(min=0) if kind == "ineq" else c
+    # ‖r‖₂ = s ‖r / s‖₂ with s = ‖r‖∞: squaring tiny violations must not underflow to "feasible"
+    scale = r.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale * torch.linalg.vector_norm(r / scale, dim=-1, keepdim=True)
 
 
 def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None,
@@ -148,8 +155,8 @@ class ConstraintValues:
     """All constraints evaluated at one point, with their autograd graph.
 
     Attributes:
-        c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype (after :meth:`synchronize`: reduced
-            over the ranks).
+        c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype; (B, m) for a batch of problems
+            (after :meth:`synchronize`: reduced over the ranks).
         p: number of inequality rows (the first ``p`` entries of ``c``).
         slices: constraint name -> slice of ``c`` holding its rows.
         reductions: ``(slice, "mean" | "sum" | "max")`` of each constraint (data-parallel runs).
@@ -160,13 +167,13 @@ class ConstraintValues:
     slices: dict[str, slice]
     reductions: list[tuple[slice, str]]
     _graph: Tensor | None
-    _flat: FlatParams
+    _flat: FlatParams | BatchedFlatParams
     _reducer: distributed.Reducer | None = None
     _scale: Tensor | None = None      # this rank's row weights s_r (distributed.py)
 
     @property
     def m(self) -> int:
-        return self.c.numel()
+        return self.c.shape[-1]
 
     def synchronize(self, reducer: distributed.Reducer, loss: Tensor | None = None) -> Tensor | None:
         """Reduce ``c`` over the ranks (one collective, with the loss) and make every later product with J
@@ -177,7 +184,8 @@ class ConstraintValues:
         return loss
 
     def vjp(self, w: Tensor, retain_graph: bool = True) -> Tensor:
-        """``Jᵀ w`` (n,) by one backward pass (``retain_graph``: keep the graph for further products)."""
+        """``Jᵀ w`` (n,), or (B, n) for a batch, by one backward pass (``retain_graph``: keep the graph for
+        further products)."""
         return self._flat.flatten(self.vjp_per_param(w, retain_graph))
 
     def vjp_per_param(self, w: Tensor, retain_graph: bool = True) -> tuple[Tensor | None, ...]:
@@ -209,37 +217,45 @@ class ConstraintValues:
         """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``; over
         ``diag(s_r)`` and then one all-reduce in a data-parallel run).
 
+        For B independent problems (``c`` of shape (B, m), row b a function of x_b only) the same m
+        products, with ``e_j`` repeated over the batch, give all B Jacobians (B, m, n) at once:
+        ``∂(Σ_b c_{b,j}) / ∂x_b = ∂c_{b,j} / ∂x_b``.
+
         Falls back to one backward per row, with a warning, when the user's functions contain an
         operation that vmap cannot batch.
         """
         m, flat = self.m, self._flat
         if m == 0:
-            return torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)
+            return torch.zeros(*self.c.shape, flat.n, dtype=flat.dtype, device=flat.device)
         eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)
         if self._reducer is not None:
             eye = eye * self._scale.to(eye.dtype)
+        if self.c.dim() == 2:
+            eye = eye[:, None, :].expand(m, *self.c.shape)
         try:
             grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
-            J = flat.flatten(grads, batch_shape=(m,))
+            J = flat.flatten(grads, batch_shape=(m,)).movedim(0, -2)
         except (RuntimeError, NotImplementedError) as err:
             warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a "
                           "time, which is slower", RuntimeWarning, stacklevel=3)
             rows = [torch.autograd.grad(self._graph, flat.params, grad_outputs=e, retain_graph=True,
                                         allow_unused=True) for e in eye]
-            J = torch.stack([flat.flatten(r) for r in rows])
+            J = torch.stack([flat.flatten(r) for r in rows]).movedim(0, -2)
         return J if self._reducer is None else self._reducer.sum(J)
 
 
-def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependence: bool = False) -> ConstraintValues:
-    """Evaluate every constraint at the current parameters (with grad enabled) into ``c = [c_I; c_E]``.
+def evaluate(constraints: Sequence[Constraint], flat: FlatParams | BatchedFlatParams, check_dependence: bool = False,
+             batch: int | None = None) -> ConstraintValues:
+    """Evaluate every constraint at the current parameters (with grad enabled) into ``c = [c_I; c_E]``;
+    with ``batch = B``, into one such row per problem, ``c`` of shape (B, m).
 
     With ``check_dependence`` each constraint is checked once to depend on the parameters.
     """
     rows, slices, reductions, start, p = [], {}, [], 0, 0
     with torch.enable_grad():
         for con in constraints:
-            value = con.values()
+            value = con.values(batch)
             if value.device != flat.device or value.dtype != flat.dtype:
                 raise TypeError(
                     f"constraint {con.name!r} returned a {value.dtype} tensor on {value.device}, but the "
@@ -248,13 +264,14 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependen
             if check_dependence:
                 _check_dependence(con, value, flat)
             rows.append(value)
-            slices[con.name] = slice(start, start + value.numel())
+            slices[con.name] = slice(start, start + value.shape[-1])
             reductions.append((slices[con.name], con.reduce))
-            start += value.numel()
+            start += value.shape[-1]
             if con.kind == "ineq":
                 p = start
-        graph = torch.cat(rows) if rows else None
-    c = graph.detach() if graph is not None else torch.zeros(0, dtype=flat.dtype, device=flat.device)
+        graph = torch.cat(rows, dim=-1) if rows else None
+    empty = (0,) if batch is None else (batch, 0)
+    c = graph.detach() if graph is not None else torch.zeros(empty, dtype=flat.dtype, device=flat.device)
     return ConstraintValues(c=c, p=p, slices=slices, reductions=reductions, _graph=graph, _flat=flat)
 
 

@@ -7,6 +7,10 @@ Along a descent direction ``d`` with ``g₀ = ∇φ(x)ᵀd < 0``, find ``t > 0``
 
 Bracket ``[α, β]``, start ``α = 0, β = ∞, t = t₀`` (1 by default): if decrease fails (or φ is not finite) ``β ← t``;
 elif curvature fails ``α ← t``; else accept. Next ``t = (α + β) / 2`` if ``β < ∞`` else ``2t``.
+
+:func:`weak_wolfe_batched` runs the same search for A independent problems at once: every problem has its
+own ``α, β, t``, each round evaluates all trial points together, and a problem whose search has ended
+keeps its accepted point while the others go on.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import enum
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
+from torch import Tensor
 
 
 class Outcome(enum.Enum):
@@ -67,3 +74,66 @@ def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any
     if best is not None:
         return LineSearchResult(Outcome.DECREASE_ONLY, best[0], best[1], evaluations)
     return LineSearchResult(Outcome.FAILED, 0.0, None, evaluations)
+
+
+class BatchedOutcome(enum.IntEnum):
+    """Per-problem outcome codes of :func:`weak_wolfe_batched` (the meanings of :class:`Outcome`)."""
+
+    SEARCHING = 0
+    WOLFE = 1
+    DECREASE_ONLY = 2
+    EXPANSION_LIMIT = 3
+    FAILED = 4
+
+
+@dataclass
+class BatchedLineSearchResult:
+    outcome: Tensor     # (A,) BatchedOutcome codes
+    t: Tensor           # (A,) accepted step (meaningless where FAILED)
+    trial: Any          # the accepted trial of each row (``evaluate``'s third value, rows merged)
+    evaluations: int    # rounds, each one evaluation of all rows
+
+
+def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Any]], phi0: Tensor, g0: Tensor,
+                       t0: Tensor, searching: Tensor, c1: float = 1e-4, c2: float = 0.5, max_evaluations: int = 50,
+                       max_expansions: int = 10, first: tuple | None = None) -> BatchedLineSearchResult:
+    """The bracketing search for A problems at once (rows of the (A,) tensors).
+
+    Args:
+        evaluate: ``evaluate(t, active)`` returns ``(φ(x + t d), ∇φ(x + t d)ᵀd, trial)`` for every row, where
+            rows outside ``active`` may be evaluated anywhere (their values are ignored); ``trial.where(mask,
+            other)`` takes ``trial``'s rows where ``mask`` and ``other``'s elsewhere.
+        phi0, g0: φ(x) and ∇φ(x)ᵀd per row. t0: first trial steps.
+        searching: the rows to search (g0 < 0); the others end FAILED without an evaluation.
+        first: ``evaluate(t0, ...)``'s result when the caller has it already (it counts as the first round).
+    """
+    code = BatchedOutcome
+    alpha, beta, t = torch.zeros_like(phi0), torch.full_like(phi0, math.inf), t0.clone()
+    expansions = torch.zeros_like(phi0, dtype=torch.int64)
+    outcome = torch.where(searching, int(code.SEARCHING), int(code.FAILED))
+    found = torch.zeros_like(searching)          # a point with sufficient decrease is kept (α > 0)
+    kept, t_kept, evaluations = None, torch.zeros_like(phi0), 0
+    while evaluations < max_evaluations and bool((outcome == code.SEARCHING).any()):
+        active = outcome == code.SEARCHING
+        phi, slope, trial = first if evaluations == 0 and first is not None else evaluate(t, active)
+        evaluations += 1
+        decrease = torch.isfinite(phi) & (phi <= phi0 + c1 * t * g0) & torch.isfinite(slope)
+        beta = torch.where(active & ~decrease, t, beta)
+        grow = active & decrease & (slope < c2 * g0)
+        accept = active & decrease & (slope >= c2 * g0)
+        alpha = torch.where(grow, t, alpha)
+        found |= grow
+        kept = trial if kept is None else trial.where(grow | accept, kept)
+        t_kept = torch.where(grow | accept, t, t_kept)
+        outcome = torch.where(accept, int(code.WOLFE), outcome)
+        active &= ~accept
+        bracketed = beta < math.inf
+        expand = active & ~bracketed & (expansions < max_expansions)
+        outcome = torch.where(active & ~bracketed & ~expand, int(code.EXPANSION_LIMIT), outcome)
+        expansions += expand.to(torch.int64)
+        t = torch.where(bracketed, 0.5 * (alpha + beta), torch.where(expand, 2.0 * t, t))
+        narrow = active & bracketed & (beta - alpha < 1e-15 * beta.clamp(min=1.0))
+        outcome = torch.where(narrow, torch.where(found, int(code.DECREASE_ONLY), int(code.FAILED)), outcome)
+    outcome = torch.where(outcome == code.SEARCHING, torch.where(found, int(code.DECREASE_ONLY), int(code.FAILED)),
+                          outcome)
+    return BatchedLineSearchResult(outcome, t_kept, kept, evaluations)

@@ -119,33 +119,13 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                  c_mu: float = 0.9, max_steering: int = 10, c1: float = 1e-4, c2: float = 0.5,
                  max_ls_evals: int = 50, max_stall: int = 5, ngrad: int | None = None, sample_radius: float | None = None,
                  damping: float = 0.2, qp_solver: str = "builtin", seed: int = 0, process_group=None):
-        check_positive("mu0", mu0)
         check_option(process_group)
         self._process_group = process_group
-        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
-            raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
-        for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
-            if value is not None:
-                check_positive(name, value)
-        _check_open_interval("c_v", c_v, 0.0, 1.0)
-        _check_open_interval("c_mu", c_mu, 0.0, 1.0)
-        _check_open_interval("c1", c1, 0.0, 1.0)
-        _check_open_interval("c2", c2, c1, 1.0)
-        _check_open_interval("damping", damping, 0.0, 1.0)
-        if sample_radius is not None:
-            check_positive("sample_radius", sample_radius)
-        for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals),
-                            ("max_stall", max_stall)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if ngrad is not None and (isinstance(ngrad, bool) or not isinstance(ngrad, int) or ngrad < 1):
-            raise ValueError(f"ngrad must be None or a positive int, got {ngrad!r}")
-        if qp_solver not in ("builtin", "qpth"):
-            raise ValueError(f"qp_solver must be 'builtin' or 'qpth', got {qp_solver!r}")
         defaults = dict(mu0=mu0, memory=memory, tol_opt=tol_opt, tol_ineq=tol_ineq, tol_eq=tol_eq, c_v=c_v,
                         c_mu=c_mu, max_steering=max_steering, c1=c1, c2=c2, max_ls_evals=max_ls_evals, max_stall=max_stall,
                         ngrad=ngrad, sample_radius=sample_radius, damping=damping, qp_solver=qp_solver,
                         seed=seed)
+        check_options(**{k: v for k, v in defaults.items() if k != "seed"})
         super().__init__(params, defaults)
         self._flat = FlatParams([p for group in self.param_groups for p in group["params"]])
         self._constraints = canonical(constraints)
@@ -532,6 +512,32 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _measure_ok(self, meas) -> bool:
         return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
+
+
+def check_options(*, mu0, memory, tol_opt, tol_ineq, tol_eq, c_v, c_mu, max_steering, c1, c2, max_ls_evals, max_stall,
+                  ngrad, sample_radius, damping, qp_solver) -> None:
+    """Validate the options that ConstrainedSQP and BatchedSQP share (ValueError naming the bad value)."""
+    check_positive("mu0", mu0)
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
+        raise ValueError(f"memory must be None (automatic) or a positive int, got {memory!r}")
+    for name, value in (("tol_opt", tol_opt), ("tol_ineq", tol_ineq), ("tol_eq", tol_eq)):
+        if value is not None:
+            check_positive(name, value)
+    _check_open_interval("c_v", c_v, 0.0, 1.0)
+    _check_open_interval("c_mu", c_mu, 0.0, 1.0)
+    _check_open_interval("c1", c1, 0.0, 1.0)
+    _check_open_interval("c2", c2, c1, 1.0)
+    _check_open_interval("damping", damping, 0.0, 1.0)
+    if sample_radius is not None:
+        check_positive("sample_radius", sample_radius)
+    for name, value in (("max_steering", max_steering), ("max_ls_evals", max_ls_evals),
+                        ("max_stall", max_stall)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if ngrad is not None and (isinstance(ngrad, bool) or not isinstance(ngrad, int) or ngrad < 1):
+        raise ValueError(f"ngrad must be None or a positive int, got {ngrad!r}")
+    if qp_solver not in ("builtin", "qpth"):
+        raise ValueError(f"qp_solver must be 'builtin' or 'qpth', got {qp_solver!r}")
 
 
 def _check_open_interval(name: str, value: float, low: float, high: float) -> None:

@@ -18,6 +18,8 @@ rescaling of ``f`` (or of any constraint):
     complementarity = max_{i∈I} κ_i ‖∇c_i‖∞ Σ_j λ_{j,i} / s,        s = max(‖∇f(x)‖∞, g_ref).
 
 Rows are normalized by ``‖∇c_i‖`` and ``∇f`` by ``s`` before the QP so that it is well scaled.
+
+:func:`measure_batched` is the single-point fit (k = 1) for A independent problems, one QP batch for all.
 """
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ class Stationarity:
     qp: QPResult | None = None  # the fit at one point (k = 1): a warm start for the next fit
 
 
+@dataclass
+class BatchedStationarity:
+    stationarity: Tensor     # (A,)
+    complementarity: Tensor  # (A,)
+    multipliers: Tensor      # (A, m)
+    solved: Tensor           # (A,) bool
+    qp: QPResult             # the fit batch (A,): a warm start for the next
+
+
 def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float,
             warm_start: QPResult | None = None) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
@@ -52,17 +63,10 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
         warm_start: the ``qp`` of an earlier single-point measure with the same m (speed only).
     """
     k, m, n = jacobians.shape
-    dtype, device = grads.dtype, grads.device
     unit, live = _row_norms(jacobians[0])
     J = jacobians / unit[:, None]                       # unit rows at the current point
     g = grads / g_scale
-    kappa = torch.zeros_like(c)
-    slack = (-c[:p] / unit[:p].clamp(max=1.0) - tol_ineq).clamp(min=0)
-    kappa[:p] = slack / (slack + tol_ineq)
-    lower = torch.full((m,), float("-inf"), dtype=dtype, device=device)
-    lower[:p] = 0.0
-    upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))
-    lower = torch.where(live, lower, torch.zeros_like(c))
+    kappa, lower, upper = _activity(c, unit, live, p, tol_ineq)
     qp = None
     if k == 1:
         qp = solve_box_qp(J[0] @ J[0].T + torch.diag(kappa * kappa), J[0] @ g[0], lower, upper,
@@ -80,6 +84,45 @@ def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float,
         solved=solved,
         qp=qp,
     )
+
+
+def measure_batched(g: Tensor, J: Tensor, c: Tensor, p: int, g_scale: Tensor, tol_ineq: float,
+                    warm_start: QPResult | None = None) -> BatchedStationarity:
+    """The single-point measure (k = 1, see module doc) of A independent problems, one box QP batch.
+
+    Args:
+        g: (A, n) objective gradients. J: (A, m, n) constraint Jacobians. c: (A, m) constraint values,
+            inequalities first. p: inequality rows. g_scale: (A,) gradient scales ``s`` (positive).
+        tol_ineq: inequality feasibility tolerance. warm_start: an earlier batch of the same shape (speed only).
+    """
+    n = g.shape[-1]
+    unit, live = _row_norms(J)
+    Ju = J / unit[..., None]
+    gu = g / g_scale[:, None]
+    kappa, lower, upper = _activity(c, unit, live, p, tol_ineq)
+    qp = solve_box_qp(Ju @ Ju.mT + torch.diag_embed(kappa * kappa), (Ju @ gu[..., None])[..., 0], lower, upper,
+                      warm_start=warm_start)
+    r = gu + (Ju.mT @ qp.z[..., None])[..., 0]
+    lam = qp.z / unit * g_scale[:, None]
+    comp = kappa[:, :p] * J[:, :p].abs().amax(-1) * lam[:, :p].abs()
+    zero = torch.zeros_like(g_scale)
+    return BatchedStationarity(
+        stationarity=r.abs().amax(-1) if n else zero,
+        complementarity=comp.amax(-1) / g_scale if p else zero,
+        multipliers=lam, solved=qp.solved, qp=qp)
+
+
+def _activity(c: Tensor, unit: Tensor, live: Tensor, p: int, tol_ineq: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``κ`` (see module doc) and the bounds of the multipliers (λ_I >= 0; 0 for zero rows), over the last
+    dimension of ``c`` (m) and ``unit``/``live`` (the row norms of J and which rows are nonzero)."""
+    kappa = torch.zeros_like(c)
+    slack = (-c[..., :p] / unit[..., :p].clamp(max=1.0) - tol_ineq).clamp(min=0)
+    kappa[..., :p] = slack / (slack + tol_ineq)
+    lower = torch.full_like(c, float("-inf"))
+    lower[..., :p] = 0.0
+    upper = torch.where(live, torch.full_like(c, float("inf")), torch.zeros_like(c))
+    lower = torch.where(live, lower, torch.zeros_like(c))
+    return kappa, lower, upper
 
 
 def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
@@ -113,15 +156,21 @@ def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) 
     over the violated and nearly active rows (the QP minimizes ‖Jᵀy‖₂). Rows are normalized, so the
     measure does not depend on the scaling of the constraints.
     """
+    return float(infeasibility_batched(J, c, p, tol_ineq, tol_eq))
+
+
+def infeasibility_batched(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> Tensor:
+    """:func:`infeasibility` of independent problems, J (..., m, n) and c (..., m): one QP batch; inf where its
+    QP is not solved."""
     norms, _ = _row_norms(J)
-    unit = J / norms[:, None]
-    ci, ce = c[:p], c[p:]
-    lower = torch.cat([(ci > tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), -torch.ones_like(ce))])
-    upper = torch.cat([(ci >= -tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), torch.ones_like(ce))])
-    res = solve_box_qp(unit @ unit.T, torch.zeros_like(c), lower, upper)
-    if not bool(res.solved):
-        return float("inf")
-    return float((unit.T @ res.z).abs().max())
+    unit = J / norms[..., None]
+    ci, ce = c[..., :p], c[..., p:]
+    signs = torch.where(ce.abs() > tol_eq, torch.sign(ce), torch.ones_like(ce))
+    lower = torch.cat([(ci > tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, signs, -signs)], dim=-1)
+    upper = torch.cat([(ci >= -tol_ineq).to(c.dtype), signs], dim=-1)
+    res = solve_box_qp(unit @ unit.mT, torch.zeros_like(c), lower, upper)
+    value = (unit.mT @ res.z[..., None])[..., 0].abs().amax(-1)
+    return torch.where(res.solved, value, torch.full_like(value, float("inf")))
 
 
 def _row_norms(J: Tensor) -> tuple[Tensor, Tensor]:

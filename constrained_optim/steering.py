@@ -17,15 +17,20 @@ Steering, with the predicted violation reduction ``ℓ(d) = v(c) − v(c + J d)`
      needs a much smaller μ to be exact, c_μ^r μ 10⁻¹, ..., c_μ^r μ 10⁻⁶, taking the first that passes
      test 2 (the last one if none does).
 All candidate penalties of a stage are solved as one batch of QPs. μ never increases.
+
+For B independent problems (:meth:`Steering.batch_direction`) the same rule runs per problem, with one
+QP batch per stage for all of them: stage one solves d(μ) of every problem; stage two, for the problems
+that fail test 1 only, d(0) and the candidate penalties of step 3 together (tests 2 and 3 then pick).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .qp import solve_box_qp
+from .qp import QPResult, solve_box_qp
 
 
 def violation(c: Tensor, p: int) -> Tensor:
@@ -34,8 +39,9 @@ def violation(c: Tensor, p: int) -> Tensor:
 
 
 def violation_weights(c: Tensor, p: int) -> Tensor:
-    """``w`` with ``Jᵀw ∈ ∂v``: 1 on violated inequalities, sign(c_E) on equalities, 0 elsewhere."""
-    return torch.cat([(c[:p] > 0).to(c.dtype), torch.sign(c[p:])])
+    """``w`` with ``Jᵀw ∈ ∂v``: 1 on violated inequalities, sign(c_E) on equalities, 0 elsewhere (over the
+    last dimension)."""
+    return torch.cat([(c[..., :p] > 0).to(c.dtype), torch.sign(c[..., p:])], dim=-1)
 
 
 @dataclass
@@ -44,6 +50,15 @@ class Direction:
     mu: float             # penalty parameter it was computed for
     y: Tensor             # (m,) dual solution (QP multipliers, μ-scaled)
     qp_ok: bool           # the QP that gave d was solved
+
+
+@dataclass
+class BatchedDirection:
+    d: Tensor             # (A, n) search directions
+    mu: Tensor            # (A,) penalty parameters they were computed for
+    y: Tensor             # (A, m) dual solutions
+    qp_ok: Tensor         # (A,) the QP that gave d was solved
+    qp: QPResult          # the stage-one QP batch (A, 1): warm start of the next iteration
 
 
 class Steering:
@@ -98,6 +113,48 @@ class Steering:
         passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
         i = int(passed[0]) if passed.numel() else mus.numel() - 1
         return self._make(Hg, HJt, float(mus[i]), Yr[i], bool(okr[i]))
+
+    def batch_direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, apply_H: Callable[[Tensor], Tensor],
+                        mu: Tensor, warm: QPResult | None = None) -> BatchedDirection:
+        """Steered directions of A independent problems: rows of ``g`` (A, n), ``c`` (A, m), ``J`` (A, m, n),
+        ``mu`` (A,); ``apply_H(V)`` is ``H_a V_a`` for V (A, n, r). ``warm``: an earlier stage-one batch (A, 1)."""
+        m = c.shape[-1]
+        HV = apply_H(torch.cat([g[:, :, None], J.mT], dim=2))  # [H∇f, HJᵀ] per problem in one application
+        Hg, HJt = HV[:, :, 0], HV[:, :, 1:]
+        M = J @ HJt
+        M = 0.5 * (M + M.mT)
+        Jg = (J @ Hg[:, :, None])[:, :, 0]
+        lower = torch.cat([c.new_zeros(p), -c.new_ones(m - p)])
+        upper = c.new_ones(m)
+        v = violation(c, p)
+
+        def solve(M, Jg, c, v, mus, warm=None):
+            # mus (R, K): K candidate penalties for each of R problems, one QP batch (R, K)
+            res = solve_box_qp(M[:, None], mus[..., None] * Jg[:, None] - c[:, None], lower, upper, tol=self.qp_tol,
+                               warm_start=warm, backend=self.backend)
+            Y = res.z.to(c.dtype)
+            JD = -(mus[..., None] * Jg[:, None] + Y @ M)    # J d for every candidate, (R, K, m)
+            return res, Y, v[:, None] - violation(c[:, None] + JD, p)
+
+        res, Y, ell = solve(M, Jg, c, v, mu[:, None], warm)
+        y, ok = Y[:, 0].clone(), res.solved[:, 0].clone()
+        F = (ell[:, 0] < self.c_v * v - self.slack).nonzero().squeeze(-1)     # test 1 fails
+        if F.numel():
+            mu = mu.clone()
+            factors = torch.cat([c.new_zeros(1), self._candidates(1.0, c)])
+            mus = mu[F, None] * factors                                          # 0, then the candidates
+            res_r, Y_r, ell_r = solve(M[F], Jg[F], c[F], v[F], mus)
+            bar = self.c_v * ell_r[:, :1] - self.slack                           # test 2: c_v ℓ(d(0)) - slack
+            keep = ell[F, :1] >= bar
+            test = ell_r[:, 1:] >= bar
+            # the first candidate that passes test 2, the last one if none does
+            i = 1 + torch.where(test.any(1), test.long().argmax(1), test.shape[1] - 1)
+            rows = torch.arange(F.numel(), device=c.device)
+            y[F] = torch.where(keep, y[F], Y_r[rows, i])
+            mu[F] = torch.where(keep[:, 0], mu[F], mus[rows, i])
+            ok[F] = torch.where(keep[:, 0], ok[F], res_r.solved[rows, i])
+        d = -(mu[:, None] * Hg + (HJt @ y[:, :, None])[:, :, 0])
+        return BatchedDirection(d, mu, y, ok, res)
 
     def _candidates(self, mu: float, c: Tensor) -> Tensor:
         """μ c_μ^j (j = 1..max_reductions), then μ c_μ^max_reductions 10^-k (k = 1..6)."""
