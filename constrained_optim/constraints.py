@@ -7,8 +7,9 @@ point, :func:`evaluate` stacks all of them into one vector
     c = [c_I; c_E] ∈ Rᵐ,   m = p + q,
 
 keeping the autograd graph, so that the Jacobian ``J = ∂c/∂x`` (rows are constraint gradients) is
-obtained by one *batched* vector-Jacobian product ``Jᵀ E`` with ``E = I_m``, and ``Jᵀ w`` for a single
-weight vector by one ordinary backward pass.
+obtained by *batched* vector-Jacobian products ``J_kᵀ E`` with ``E = I_{r_k}``, one per constraint k of r_k rows
+(one for all rows would differentiate every constraint with all m rows of E, most of them zero), and
+``Jᵀ w`` for a single weight vector by one ordinary backward pass.
 
 Folding (``fold="l2"`` or ``"max"``) replaces a constraint tensor by one scalar:
 
@@ -17,17 +18,24 @@ Folding (``fold="l2"`` or ``"max"``) replaces a constraint tensor by one scalar:
 
 which keeps the feasible set and turns thousands of rows into one (the folded function is nonsmooth
 where it is zero).
+
+Bounds (:class:`Bounds`, what ``co.Box`` and ``co.NonNegative`` state themselves as) are inequality rows
+``c_i = σ_i x_{k_i} + β_i`` on one parameter (``σ_i = ±1``): their Jacobian rows ``σ_i e_{k_i}ᵀ`` are known, so
+:meth:`ConstraintValues.structured_jacobian` records them by column and sign instead of differentiating them
+(see :mod:`constrained_optim.jacobian`).
 """
 from __future__ import annotations
 
+import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ._flat import FlatParams
+from .jacobian import Jacobian
 
 _KINDS = ("ineq", "eq")
 _FOLDS = (None, "l2", "max")
@@ -87,6 +95,27 @@ def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
     return folded.reshape(1)
 
 
+class Bounds(Constraint):
+    """Bound rows on one parameter: ``c_i = σ_i param.flatten()[k_i] + β_i <= 0`` (``σ_i = ±1``), computed by ``fn``.
+
+    Args:
+        fn: returns the rows (as for any constraint).
+        param: the bounded tensor.
+        index: (b,) flat positions ``k_i`` in ``param`` of the rows, in the order ``fn`` returns them.
+        signs: (b,) ``σ_i``.
+        name: constraint name.
+    """
+
+    def __init__(self, fn: Callable[[], Tensor], param: Tensor, index: Tensor, signs: Tensor, name: str | None = None):
+        super().__init__(fn, "ineq", name)
+        self.param, self.index, self.signs = param, index, signs
+
+    def columns(self, flat: FlatParams) -> Tensor | None:
+        """The columns ``k_i`` in the flat ``x``; None when ``param`` is not one of the optimized tensors."""
+        start = flat.offset(self.param)
+        return None if start is None else self.index.to(flat.device) + start
+
+
 def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None) -> Constraint:
     """Inequality constraint ``fn() <= 0`` elementwise."""
     return Constraint(fn, "ineq", name, fold)
@@ -122,7 +151,8 @@ def canonical(constraints: Sequence | None) -> list[Constraint]:
     named = []
     for c in constraints:
         if c.name is None:
-            c = Constraint(c.fn, c.kind, f"{c.kind}{counts[c.kind]}", c.fold)
+            c = copy.copy(c)
+            c.name = f"{c.kind}{counts[c.kind]}"
         counts[c.kind] += 1
         named.append(c)
     names = [c.name for c in named]
@@ -140,6 +170,9 @@ class ConstraintValues:
         c: (m,) detached values ``[c_I; c_E]`` in the parameters' dtype.
         p: number of inequality rows (the first ``p`` entries of ``c``).
         slices: constraint name -> slice of ``c`` holding its rows.
+        bounds: ``(slice of c, columns k_i in x, signs σ_i)`` of every :class:`Bounds` constraint on an optimized
+            parameter.
+        _blocks: the values (with their graph) of the other constraints, in order: the dense rows.
     """
 
     c: Tensor
@@ -147,6 +180,8 @@ class ConstraintValues:
     slices: dict[str, slice]
     _graph: Tensor | None
     _flat: FlatParams
+    bounds: list[tuple[slice, Tensor, Tensor]] = field(default_factory=list)
+    _blocks: list[Tensor] = field(default_factory=list)
 
     @property
     def m(self) -> int:
@@ -171,23 +206,52 @@ class ConstraintValues:
             torch.autograd.backward(outputs, grads)
 
     def jacobian(self) -> Tensor:
-        """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``).
+        """``J`` (m, n) as a dense tensor (see :meth:`structured_jacobian`)."""
+        return self.structured_jacobian().to_dense()
+
+    def structured_jacobian(self) -> Jacobian:
+        """``J`` as a :class:`~constrained_optim.jacobian.Jacobian`: the bound rows by column and sign, the rows of
+        every other constraint by one batched vector-Jacobian product of that constraint alone (vmap over
+        ``I_r``, r its number of rows; a plain backward for r = 1), so that no constraint pays for the rows of
+        the others.
 
         Falls back to one backward per row, with a warning, when the user's functions contain an
         operation that vmap cannot batch.
         """
-        m, flat = self.m, self._flat
-        if m == 0:
-            return torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)
-        eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)
+        device = self.c.device
+        bound_rows = [torch.arange(rows.start, rows.stop, device=device) for rows, _, _ in self.bounds]
+        dense_rows, start = [], 0
+        for rows, _, _ in self.bounds + [(slice(self.m, self.m), None, None)]:
+            dense_rows.append(torch.arange(start, rows.start, device=device))
+            start = rows.stop
+        dense_rows = torch.cat(dense_rows)
+        bound_rows = torch.cat(bound_rows) if bound_rows else dense_rows[:0]
+        columns = torch.cat([cols for _, cols, _ in self.bounds]) if self.bounds else dense_rows[:0]
+        signs = torch.cat([sg for _, _, sg in self.bounds]) if self.bounds else self.c[:0]
+        flat = self._flat
+        blocks = [torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)]
+        blocks += [self._block_rows(value) for value in self._blocks]
+        return Jacobian(blocks, dense_rows, bound_rows, columns, signs)
+
+    def _block_rows(self, value: Tensor) -> Tensor:
+        """The Jacobian rows (r, n) of one constraint's values."""
+        flat, r = self._flat, value.numel()
+        if not value.requires_grad:
+            return torch.zeros(r, flat.n, dtype=flat.dtype, device=flat.device)
+        if r == 1:
+            grads = torch.autograd.grad(value, flat.params, torch.ones_like(value), retain_graph=True, allow_unused=True)
+            return flat.flatten(grads, batch_shape=(1,))
+        eye = torch.eye(r, dtype=value.dtype, device=value.device)
         try:
-            grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
+            grads = torch.autograd.grad(value, flat.params, grad_outputs=eye, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
         except (RuntimeError, NotImplementedError) as err:
             warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a "
-                          "time, which is slower", RuntimeWarning, stacklevel=3)
-            return torch.stack([self.vjp(e) for e in eye])
-        return flat.flatten(grads, batch_shape=(m,))
+                          "time, which is slower", RuntimeWarning, stacklevel=5)
+            return torch.stack([flat.flatten(torch.autograd.grad(value, flat.params, grad_outputs=e,
+                                                                 retain_graph=True, allow_unused=True))
+                                for e in eye])
+        return flat.flatten(grads, batch_shape=(r,))
 
 
 def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependence: bool = False) -> ConstraintValues:
@@ -196,6 +260,7 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependen
     With ``check_dependence`` each constraint is checked once to depend on the parameters.
     """
     rows, slices, start, p = [], {}, 0, 0
+    bounds, dense = [], []
     with torch.enable_grad():
         for con in constraints:
             value = con.values()
@@ -208,12 +273,17 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams, check_dependen
                 _check_dependence(con, value, flat)
             rows.append(value)
             slices[con.name] = slice(start, start + value.numel())
+            columns = con.columns(flat) if isinstance(con, Bounds) else None
+            if columns is not None:
+                bounds.append((slices[con.name], columns, con.signs.to(device=flat.device, dtype=flat.dtype)))
+            else:
+                dense.append(value)
             start += value.numel()
             if con.kind == "ineq":
                 p = start
         graph = torch.cat(rows) if rows else None
     c = graph.detach() if graph is not None else torch.zeros(0, dtype=flat.dtype, device=flat.device)
-    return ConstraintValues(c=c, p=p, slices=slices, _graph=graph, _flat=flat)
+    return ConstraintValues(c=c, p=p, slices=slices, _graph=graph, _flat=flat, bounds=bounds, _blocks=dense)
 
 
 def _check_dependence(con: Constraint, value: Tensor, flat: FlatParams) -> None:

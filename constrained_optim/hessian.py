@@ -1,7 +1,8 @@
 """Damped BFGS approximations ``H ≈ ∇²φ⁻¹`` of the inverse Hessian, applied as operators.
 
-Both classes expose ``apply(V) = H V`` for a vector (n,) or a matrix (n, r) of columns, ``update(s, y)``
-and ``reset()``.
+Both classes expose ``apply(V) = H V`` for a vector (n,) or a matrix (n, r) of columns,
+``sandwich(J, g) = (J H Jᵀ, J H g)`` for a constraint :class:`~constrained_optim.jacobian.Jacobian` (the
+m×m matrix and the m-vector of the penalty QP), ``update(s, y)`` and ``reset()``.
 
 Inverse BFGS update with ``ρ = 1 / sᵀy``:
 
@@ -13,8 +14,18 @@ so that ``H`` stays positive definite on nonconvex or nonsmooth functions. A pai
 still not positive and finite is skipped.
 
 :class:`DenseBFGS` stores the n×n matrix (initially ``I``, rescaled by ``sᵀy / yᵀy`` before the first
-update). :class:`LBFGS` stores the last ``k`` pairs and applies ``H`` with the two-loop recursion to
-all columns of ``V`` at once; its initial matrix is ``γ I`` with ``γ = sᵀy / yᵀy`` of the newest pair.
+update). :class:`LBFGS` stores the last ``k`` pairs; its initial matrix is ``γ I`` with ``γ = sᵀy / yᵀy`` of the
+newest pair. It runs the two-loop recursion on the coefficients of ``H V`` in the basis of the pairs, all
+columns of ``V`` at once (the compact form of Byrd, Nocedal & Schnabel 1994, with triangular solves in
+place of ``R⁻¹``): with ``S``, ``Y`` the pairs oldest first, ``R`` the upper triangle of ``SᵀY`` and ``Δ`` its
+diagonal,
+
+    a = R⁻¹ SᵀV                      (first loop:  a_i = ρ_i s_iᵀ q)
+    c = R⁻ᵀ (Δ a − γ (YᵀV − YᵀY a))  (second loop: c_i = a_i − b_i)
+    H V = γ V + S c − γ Y a.
+
+It needs ``V`` only through ``WᵀV`` (W = [S Y], n × 2k), so ``J H Jᵀ = γ J Jᵀ + (J W) [c; −γ a]`` with
+``WᵀJᵀ = (J W)ᵀ``: one m×2k product with ``J`` and the Gram matrix ``J Jᵀ``, never an n×m or n×n matrix.
 """
 from __future__ import annotations
 
@@ -51,6 +62,11 @@ class DenseBFGS:
     def apply(self, V: Tensor) -> Tensor:
         return self.H @ V
 
+    def sandwich(self, J, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(J H Jᵀ, J H g)``, with ``J H = (H Jᵀ)ᵀ`` (H is symmetric)."""
+        JH = J @ self.H
+        return J @ JH.T, JH @ g
+
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Apply one damped BFGS update; returns False when the pair was skipped."""
         if self.updates == 0:
@@ -77,52 +93,101 @@ class DenseBFGS:
 
 
 class LBFGS:
-    """Limited-memory inverse BFGS: the last ``memory`` pairs, O(memory·n) storage, never an n×n matrix."""
+    """Limited-memory inverse BFGS: the last ``memory`` pairs, O(memory·n) storage, never an n×n matrix.
+
+    The pairs live in one (2·memory, n) buffer, ``s`` of slot j in row 2j and its ``y`` in row 2j + 1 (so that
+    ``W`` is one contiguous block), overwritten oldest first; ``order`` lists the slots oldest first, and
+    ``SᵀY``, ``YᵀY`` (slot-indexed) are updated with each pair.
+    """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, memory: int, damping: float = 1e-4):
         self.n, self.dtype, self.device, self.memory, self.damping = n, dtype, device, memory, damping
         self.reset()
 
     def reset(self) -> None:
-        self.S: list[Tensor] = []
-        self.Y: list[Tensor] = []
+        self._W = None
+        self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
+        self._YY = torch.zeros_like(self._SY)
+        self.order: list[int] = []
         self.updates = 0
 
-    def _gamma(self) -> Tensor | float:
-        if not self.S:
-            return 1.0
-        return self.S[-1].dot(self.Y[-1]) / self.Y[-1].dot(self.Y[-1])
+    @property
+    def S(self) -> list[Tensor]:
+        """The steps, oldest first."""
+        return [self._W[2 * i] for i in self.order]
+
+    @property
+    def Y(self) -> list[Tensor]:
+        """The gradient differences, oldest first."""
+        return [self._W[2 * i + 1] for i in self.order]
+
+    @property
+    def W(self) -> Tensor:
+        """(2k, n): the stored pairs, interleaved by slot."""
+        return self._W[:2 * len(self.order)]
+
+    def _coefficients(self, WtV: Tensor) -> tuple[Tensor, Tensor]:
+        """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved) given ``WᵀV`` (2k, r)."""
+        slots = torch.tensor(self.order, device=self.device)
+        SY = self._SY[slots[:, None], slots]
+        YY = self._YY[slots[:, None], slots]
+        newest = self.order[-1]
+        gamma = self._SY[newest, newest] / self._YY[newest, newest]
+        R = SY.triu()
+        a = torch.linalg.solve_triangular(R, WtV[0::2][slots], upper=True)
+        z = torch.diag(SY)[:, None] * a - gamma * (WtV[1::2][slots] - YY @ a)
+        c = torch.linalg.solve_triangular(R.mT, z, upper=False)
+        X = torch.empty_like(WtV)
+        X[2 * slots] = c
+        X[2 * slots + 1] = -gamma * a
+        return gamma, X
 
     def apply(self, V: Tensor) -> Tensor:
-        """``H V`` by the two-loop recursion, all columns of ``V`` at once."""
-        Q = V.clone()
-        alphas = []
-        for s, y in zip(reversed(self.S), reversed(self.Y)):
-            a = (s @ Q) / s.dot(y)
-            Q = Q - (torch.outer(y, a) if Q.dim() == 2 else y * a)
-            alphas.append(a)
-        R = self._gamma() * Q
-        for (s, y), a in zip(zip(self.S, self.Y), reversed(alphas)):
-            b = (y @ R) / s.dot(y)
-            R = R + (torch.outer(s, a - b) if R.dim() == 2 else s * (a - b))
-        return R
+        """``H V = γ V + S c − γ Y a``, all columns of ``V`` at once."""
+        if not self.order:
+            return V.clone()
+        W = self.W
+        gamma, X = self._coefficients((W @ V).reshape(len(W), -1))
+        return gamma * V + (W.T @ X).reshape(V.shape)
+
+    def sandwich(self, J, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(J H Jᵀ, J H g) = (γ J Jᵀ + (J W) X_J, γ J g + (J W) X_g)``, X the coefficients of ``H [Jᵀ g]``."""
+        Jg = J @ g
+        if not self.order:
+            return J.gram(), Jg
+        W = self.W
+        JW = J @ W.T
+        gamma, X = self._coefficients(torch.cat([JW.T, (W @ g)[:, None]], dim=1))
+        JWX = JW @ X
+        return gamma * J.gram() + JWX[:, :-1], gamma * Jg + JWX[:, -1]
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         s, sy = _damp(s, y, self.apply(y), self.damping)
         if not _acceptable(sy, s, y):
             return False
-        self.S.append(s.clone())
-        self.Y.append(y.clone())
-        if len(self.S) > self.memory:
-            self.S.pop(0)
-            self.Y.pop(0)
+        self._append(s, y)
         self.updates += 1
         return True
+
+    def _append(self, s: Tensor, y: Tensor) -> None:
+        """Store the pair in the oldest slot (or a free one) and update ``SᵀY``, ``YᵀY``."""
+        if self._W is None:
+            self._W = torch.empty(2 * self.memory, self.n, dtype=self.dtype, device=self.device)
+        slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
+        self._W[2 * slot], self._W[2 * slot + 1] = s, y
+        self.order.append(slot)
+        k = len(self.order)
+        W = self._W[:2 * k]
+        Ws, Wy = W @ s, W @ y                        # [sᵢᵀs, yᵢᵀs]ᵢ and [sᵢᵀy, yᵢᵀy]ᵢ
+        self._SY[slot, :k] = Ws[1::2]
+        self._SY[:k, slot] = Wy[0::2]
+        self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
 
     def state_dict(self) -> dict:
         return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.S = [s.to(dtype=self.dtype, device=self.device).clone() for s in state["S"]]
-        self.Y = [y.to(dtype=self.dtype, device=self.device).clone() for y in state["Y"]]
+        self.reset()
+        for s, y in zip(state["S"], state["Y"]):
+            self._append(s.to(dtype=self.dtype, device=self.device), y.to(dtype=self.dtype, device=self.device))
         self.updates = int(state["updates"])

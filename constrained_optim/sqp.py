@@ -10,8 +10,10 @@ One ``step(closure)`` is one outer iteration of (Curtis, Mitchell & Overton 2017
             y = μ(∇f₊ − ∇f) + (J₊ − J)ᵀŷ                           (hessian.py)
     certificate at x₊                                              (stationarity.py)
 
-Internally every vector is float64 (``x``, gradients, Jacobians, H), whatever the parameters' dtype;
-parameters keep their own dtype and device.
+Internally every vector is float64 (``x``, gradients, H, the m-sized QPs), whatever the parameters' dtype;
+parameters keep their own dtype and device. The constraint Jacobian stays in the parameters' dtype and is
+used as an operator (:class:`~constrained_optim.jacobian.Jacobian`: products accumulate in float64, bound rows
+of boxes are never formed).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .hessian import LBFGS, DenseBFGS
+from .jacobian import Jacobian
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .qp import QPResult
 from .steering import Steering, violation, violation_weights
@@ -41,6 +44,7 @@ _RESCUES = 3                 # random perturbations off a kink allowed per run
 _DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables, L-BFGS beyond
 _AUTO_MEMORY = 20
 _SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
+_SAMPLE_BUDGET = 1 << 24     # numbers held by the gradient samples, samples × (m + 2) n (128 MiB in float64)
 
 
 @dataclass
@@ -53,11 +57,11 @@ class _Point:
     c: Tensor
     values: ConstraintValues
     loss: Tensor
-    J: Tensor | None = None
+    J: Jacobian | None = None
 
-    def jacobian(self) -> Tensor:
+    def jacobian(self) -> Jacobian:
         if self.J is None:
-            self.J = self.values.jacobian().to(_WORK)
+            self.J = self.values.structured_jacobian()
         return self.J
 
     @property
@@ -66,7 +70,7 @@ class _Point:
 
     @property
     def jacobian_finite(self) -> bool:
-        return bool(torch.isfinite(self.jacobian()).all())
+        return self.jacobian().finite
 
 
 class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
@@ -92,7 +96,9 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         c1, c2: sufficient-decrease and curvature constants of the weak Wolfe search (1e-4, 0.5).
         max_ls_evals: closure calls allowed per line search (50).
         ngrad: gradients kept for the nonsmooth (gradient-sampling) stationarity test.
-            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables.
+            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables and the
+            samples (x, ∇f and J at each) hold at most 2²⁴ numbers, ``samples · (m + 2) · n <= 2²⁴`` (128 MiB
+            in float64): at n = 10⁶ only the current point is sampled, whatever m.
         sample_radius: only iterates within ``sample_radius · max(1, ‖x‖∞)`` of x are sampled. A
             sampled certificate says that x is within that distance of a point where the gradients
             nearly cancel (Clarke ε-stationarity), so the default is small: ``max(1e-8, 10 eps)``.
@@ -187,7 +193,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             H = st["hessian"]
             saved.update(
                 x=st["x"], hessian=dict(H.state_dict(), kind="dense" if isinstance(H, DenseBFGS) else "lbfgs"),
-                samples=[list(sample) for sample in st["samples"]],
+                samples=[[x, g, J.to_dense()] for x, g, J in st["samples"]],
                 samples_maxlen=st["samples"].maxlen,
                 certificate=_certificate_to_dict(st["certificate"]))
             for key in ("best_feasible", "most_feasible"):
@@ -218,8 +224,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             work = dict(dtype=_WORK, device=self._flat.device)
             restored.update(
                 x=saved["x"].to(**work), hessian=H,
-                samples=deque((tuple(t.to(**work) for t in sample) for sample in saved["samples"]),
-                              maxlen=saved["samples_maxlen"]),
+                samples=deque(((x.to(**work), g.to(**work), Jacobian.from_dense(J.to(self._flat.device)))
+                               for x, g, J in saved["samples"]), maxlen=saved["samples_maxlen"]),
                 certificate=_certificate_from_dict(saved["certificate"]))
             for key in ("best_feasible", "most_feasible"):
                 if key in saved:
@@ -328,7 +334,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         self._accept_bookkeeping(point, Status.IN_PROGRESS)
 
     def _sample_count(self, m: int) -> int:
-        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m)))
+        n = self._flat.n
+        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m), _SAMPLE_BUDGET // ((m + 2) * n)))
 
     def _iterate(self, closure: Callable[[], Tensor]) -> None:
         st = self._state
@@ -362,7 +369,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
-            H.update(trial.x - point.x, mu * (trial.g - point.g) + (trial.jacobian() - point.jacobian()).T @ y_dual)
+            H.update(trial.x - point.x, mu * (trial.g - point.g) + trial.jacobian().T @ y_dual - point.jacobian().T @ y_dual)
             st["iteration"] += 1
             step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
@@ -398,6 +405,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                 if corrected is None:
                     break
                 if self._phi(corrected, mu) <= phi0 + c1 * g0:
+                    if not corrected.jacobian_finite:      # J only where the point is accepted
+                        break
                     return LineSearchResult(Outcome.DECREASE_ONLY, 1.0, corrected, k + 2)
 
         def evaluate(t: float):
@@ -416,17 +425,16 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         rows = torch.cat([trial.c[:p] > 0, torch.ones_like(trial.c[p:], dtype=torch.bool)])
         if not bool(rows.any()):
             return None
-        Ja, r = J[rows], (trial.c - target)[rows]
-        gram = Ja @ Ja.T
-        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=J.device)
+        r = (trial.c - target)[rows]
+        gram = J.gram()[rows][:, rows]                      # J_a J_aᵀ
+        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=d.device)
         L, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             return None
-        correction = -Ja.T @ torch.cholesky_solve(r[:, None], L)[:, 0]
-        corrected = self._evaluate(closure, trial.x + correction)
-        if not corrected.finite or not corrected.jacobian_finite:
-            return None
-        return corrected
+        w = torch.zeros_like(trial.c)
+        w[rows] = torch.cholesky_solve(r[:, None], L)[:, 0]
+        corrected = self._evaluate(closure, trial.x - J.T @ w)
+        return corrected if corrected.finite else None
 
     def _trial_evaluator(self, closure, x: Tensor, d: Tensor, mu: float):
         def evaluate_at(t: float):
@@ -494,8 +502,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         ineq, eq = linf_violation(point.c, p)
         g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
                       torch.finfo(_WORK).tiny)
-        J = point.jacobian()
-        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq, st.get("fit"))
+        meas = stationarity.measure(point.g[None], [point.jacobian()], point.c, p, g_scale, self._tol_ineq,
+                                    st.get("fit"))
         st["fit"] = meas.qp
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:
@@ -504,8 +512,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             if len(near) > 1:
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])
-                jacs = torch.stack([Js for _, Js in near[::-1]])
-                sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq)
+                sampled = stationarity.measure(grads, [Js for _, Js in near[::-1]], point.c, p, g_scale,
+                                               self._tol_ineq)
                 if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
                     meas, samples = sampled, len(near)
         lam = meas.multipliers

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .jacobian import Jacobian
 from .qp import solve_box_qp
 
 
@@ -62,14 +63,11 @@ class Steering:
     def reset(self) -> None:
         self.warm = None
 
-    def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
+    def direction(self, g: Tensor, c: Tensor, J: Jacobian, p: int, H, mu: float) -> Direction:
         """The steered direction at a point with gradient ``g``, constraints ``c`` and Jacobian ``J``."""
         m = c.numel()
-        HV = H.apply(torch.cat([g[:, None], J.T], dim=1))  # [H∇f, HJᵀ] in one application
-        Hg, HJt = HV[:, 0], HV[:, 1:]
-        M = J @ HJt
+        M, Jg = H.sandwich(J, g)                          # J H Jᵀ and J H ∇f
         M = 0.5 * (M + M.T)
-        Jg = J @ Hg
         lower = torch.cat([c.new_zeros(p), -c.new_ones(m - p)])
         upper = c.new_ones(m)
         v = float(violation(c, p))
@@ -92,12 +90,12 @@ class Steering:
         Y, ell, ok = solve(c.new_tensor([mu, 0.0]))
         ell_mu, ell_ref = float(ell[0]), float(ell[1])
         if ell_mu >= self.c_v * v - slack or ell_mu >= self.c_v * ell_ref - slack:
-            return self._make(Hg, HJt, mu, Y[0], bool(ok[0]))
+            return _make(g, J, H, mu, Y[0], bool(ok[0]))
         mus = self._candidates(mu, c)
         Yr, ellr, okr = solve(mus)
         passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
         i = int(passed[0]) if passed.numel() else mus.numel() - 1
-        return self._make(Hg, HJt, float(mus[i]), Yr[i], bool(okr[i]))
+        return _make(g, J, H, float(mus[i]), Yr[i], bool(okr[i]))
 
     def _candidates(self, mu: float, c: Tensor) -> Tensor:
         """μ c_μ^j (j = 1..max_reductions), then μ c_μ^max_reductions 10^-k (k = 1..6)."""
@@ -106,6 +104,7 @@ class Steering:
         last = self.c_mu ** self.max_reductions
         return mu * torch.cat([self.c_mu ** j, last * 10.0 ** -k])
 
-    @staticmethod
-    def _make(Hg, HJt, mu, y, ok) -> Direction:
-        return Direction(-(mu * Hg + HJt @ y), mu, y, ok)
+
+def _make(g: Tensor, J: Jacobian, H, mu: float, y: Tensor, ok: bool) -> Direction:
+    """``d(μ) = −H (μ ∇f + Jᵀ y)``."""
+    return Direction(-H.apply(mu * g + J.T @ y), mu, y, ok)

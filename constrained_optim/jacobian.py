@@ -1,0 +1,210 @@
+"""The constraint Jacobian as an operator: dense rows from autograd, bound rows by their index.
+
+``J ∈ Rᵐˣⁿ`` (row i = ∇c_i) has two kinds of rows:
+
+* dense rows ``D ∈ Rʳˣⁿ`` at positions ``P_D`` of ``c``, from one batched vector-Jacobian product (in the
+  parameters' dtype);
+* bound rows ``σ_i e_{k_i}ᵀ`` (``σ_i = ±1``) at positions ``P_B``, from ``co.Box`` / ``co.NonNegative``
+  (``c_i = σ_i x_{k_i} + β_i``), stored as the column ``k_i`` and the sign ``σ_i``: never formed.
+
+The products the SQP needs, without a dense bound row and without autograd:
+
+    J V         rows P_D: D V,               rows P_B: σ_i V[k_i]           (gather)
+    Jᵀ w        Dᵀ w_D + Σ_{i∈B} σ_i w_i e_{k_i}                            (scatter-add)
+    J Jᵀ        blocks D Dᵀ,  D B ᵀ = [σ_j D[:, k_j]]_j,  (B Bᵀ)_ij = σ_i σ_j [k_i = k_j]
+
+Every result is float64. Products with a dense part of another dtype (float32 parameters) accumulate in
+float64 over column blocks of ``D`` copied into one small float64 buffer, so no float64 copy of ``D`` is
+made. ``J Jᵀ`` and the row norms are computed once per point and kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_WORK = torch.float64
+_BLOCK = 1 << 21      # entries of D converted to float64 at a time (16 MiB)
+
+
+class Jacobian:
+    """``J`` (m, n) from its dense rows and its bound rows (see module doc).
+
+    Args:
+        blocks: the dense rows ``D`` as a list of row blocks (r_j, n), one per constraint (so that the rows of
+            a constraint are used where autograd wrote them, never copied into one matrix); at least one
+            (possibly (0, n)) block, which sets n and the dtype.
+        dense_rows: (r,) positions in ``c`` of the dense rows, ``r = Σ r_j``.
+        bound_rows: (b,) positions in ``c`` of the bound rows.
+        columns: (b,) the column ``k_i`` of each bound row.
+        signs: (b,) ``σ_i`` (±1).
+    """
+
+    def __init__(self, blocks: list[Tensor], dense_rows: Tensor, bound_rows: Tensor, columns: Tensor,
+                 signs: Tensor):
+        self.n, self.dtype = blocks[0].shape[1], blocks[0].dtype
+        self.blocks = [B for B in blocks if B.shape[0]]
+        self.dense_rows, self.bound_rows = dense_rows, bound_rows
+        self.columns, self.signs = columns, signs.to(device=blocks[0].device, dtype=_WORK)
+        self.m = dense_rows.numel() + bound_rows.numel()
+        self._gram = self._norms = self._amax = None
+
+    @classmethod
+    def from_dense(cls, J: Tensor) -> "Jacobian":
+        """All rows dense."""
+        empty = torch.zeros(0, dtype=torch.long, device=J.device)
+        return cls([J], torch.arange(J.shape[0], device=J.device), empty, empty, J.new_zeros(0))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.m, self.n
+
+    @property
+    def bounds(self) -> int:
+        """Number of bound rows."""
+        return self.bound_rows.numel()
+
+    @property
+    def T(self) -> "_Transposed":
+        return _Transposed(self)
+
+    def _dense(self, values: list[Tensor], like: Tensor) -> Tensor:
+        return torch.cat(values) if values else like.new_zeros((0,) + like.shape[1:], dtype=_WORK)
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        """``J V`` for V (n,) or (n, k)."""
+        out = V.new_empty((self.m,) + V.shape[1:], dtype=_WORK)
+        out[self.dense_rows] = self._dense([_times(B, V) for B in self.blocks], V)
+        out[self.bound_rows] = _signed(self.signs, V[self.columns].to(_WORK))
+        return out
+
+    def rmatmul(self, w: Tensor) -> Tensor:
+        """``Jᵀ w`` for w (m,) or (m, k)."""
+        out = w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
+        w_dense, start = w[self.dense_rows].to(_WORK), 0
+        for B in self.blocks:
+            _add_transposed_times(out, B, w_dense[start:start + len(B)])
+            start += len(B)
+        return out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
+
+    def gram(self) -> Tensor:
+        """``J Jᵀ`` (m, m), computed once."""
+        if self._gram is None:
+            self._gram = self._compute_gram()
+        return self._gram
+
+    def _compute_gram(self) -> Tensor:
+        G = self.signs.new_zeros(self.m, self.m)
+        dense, bound = self.dense_rows, self.bound_rows
+        G[dense[:, None], dense] = self._dense_gram()
+        if self.bounds:
+            DB = self.signs * self._dense([B[:, self.columns].to(_WORK) for B in self.blocks], G)   # D Bᵀ
+            G[dense[:, None], bound] = DB
+            G[bound[:, None], dense] = DB.T
+            same = self.columns[:, None] == self.columns[None, :]
+            G[bound[:, None], bound] = torch.outer(self.signs, self.signs) * same
+        return G
+
+    def _dense_gram(self) -> Tensor:
+        """``D Dᵀ`` block by block (each off-diagonal block once)."""
+        r = self.dense_rows.numel()
+        G = self.signs.new_empty(r, r)
+        starts = [0]
+        for B in self.blocks:
+            starts.append(starts[-1] + len(B))
+        for i, Bi in enumerate(self.blocks):
+            for j in range(i, len(self.blocks)):
+                block = _gram(Bi, self.blocks[j])
+                G[starts[i]:starts[i + 1], starts[j]:starts[j + 1]] = block
+                G[starts[j]:starts[j + 1], starts[i]:starts[i + 1]] = block.T
+        return G
+
+    def row_norms(self) -> Tensor:
+        """``‖∇c_i‖₂`` (m,), computed once (1 for bound rows)."""
+        if self._norms is None:
+            self._norms = self._per_row([torch.linalg.vector_norm(B, dim=1) for B in self.blocks])
+        return self._norms
+
+    def row_amax(self) -> Tensor:
+        """``‖∇c_i‖∞`` (m,), computed once (NaN where a row holds a NaN)."""
+        if self._amax is None:
+            self._amax = self._per_row([torch.maximum(B.amax(dim=1), -B.amin(dim=1)) for B in self.blocks])
+        return self._amax
+
+    def _per_row(self, dense_values: list[Tensor]) -> Tensor:
+        out = self.signs.new_ones(self.m)
+        out[self.dense_rows] = self._dense([v.to(_WORK) for v in dense_values], out)
+        return out
+
+    @property
+    def finite(self) -> bool:
+        """Every entry is finite. (A row's 2-norm is finite when its entries are, unless it overflows: only
+        then is every entry checked.)"""
+        if bool(torch.isfinite(self.row_norms()).all()):
+            return True
+        return all(bool(torch.isfinite(B).all()) for B in self.blocks)
+
+    def to_dense(self) -> Tensor:
+        """The (m, n) matrix in the dense rows' dtype (for small problems: gradient sampling, tests)."""
+        J = self.signs.new_zeros(self.m, self.n, dtype=self.dtype)
+        if self.blocks:
+            J[self.dense_rows] = torch.cat(self.blocks)
+        J[self.bound_rows, self.columns] = self.signs.to(J.dtype)
+        return J
+
+
+class _Transposed:
+    """``Jᵀ``, so that ``J.T @ w`` reads like the math."""
+
+    def __init__(self, J: Jacobian):
+        self.J = J
+
+    def __matmul__(self, w: Tensor) -> Tensor:
+        return self.J.rmatmul(w)
+
+
+def _signed(signs: Tensor, values: Tensor) -> Tensor:
+    return signs.reshape((-1,) + (1,) * (values.dim() - 1)) * values
+
+
+def _column_blocks(*matrices: Tensor):
+    """Column slices of matrices with n columns, about ``_BLOCK`` entries at a time, with a float64 copy of
+    each matrix's slice (one reused buffer per matrix)."""
+    rows, n = sum(len(M) for M in matrices), matrices[0].shape[1]
+    width = max(1, _BLOCK // max(rows, 1))
+    buffers = [M.new_empty(len(M), min(width, n), dtype=_WORK) for M in matrices]
+    for start in range(0, n, width):
+        cols = slice(start, start + width)
+        blocks = [buffer[:, :min(width, n - start)] for buffer in buffers]
+        for block, M in zip(blocks, matrices):
+            block.copy_(M[:, cols])
+        yield cols, blocks
+
+
+def _times(D: Tensor, V: Tensor) -> Tensor:
+    """``D V`` accumulated in float64."""
+    V = V.to(_WORK)
+    if D.dtype == _WORK:
+        return D @ V
+    out = V.new_zeros((D.shape[0],) + V.shape[1:])
+    for cols, (block,) in _column_blocks(D):
+        out += block @ V[cols]
+    return out
+
+
+def _add_transposed_times(out: Tensor, D: Tensor, w: Tensor) -> None:
+    """``out += Dᵀ w`` in float64."""
+    if D.dtype == _WORK:
+        out += D.T @ w
+        return
+    for cols, (block,) in _column_blocks(D):
+        out[cols] += block.T @ w
+
+
+def _gram(A: Tensor, B: Tensor) -> Tensor:
+    """``A Bᵀ`` accumulated in float64."""
+    if A.dtype == _WORK:
+        return A @ B.T
+    out = A.new_zeros(len(A), len(B), dtype=_WORK)
+    for _, blocks in _column_blocks(*((A,) if A is B else (A, B))):
+        out += blocks[0] @ blocks[-1].T
+    return out
