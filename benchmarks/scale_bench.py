@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--samples", type=int, default=256, help="training samples N of the network (256)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per case (5)")
-    parser.add_argument("--skip", type=int, default=1, help="untimed iterations after the start (1)")
+    parser.add_argument("--skip", type=int, default=10, help="untimed iterations after the start (10)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each floor timing (3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--quick", action="store_true", help="n = 1e4, 1e5 and m = 1, 16 only")

@@ -1,8 +1,10 @@
 """Damped BFGS approximations ``H ≈ ∇²φ⁻¹`` of the inverse Hessian, applied as operators.
 
 Both classes expose ``apply(V) = H V`` for a vector (n,) or a matrix (n, r) of columns,
-``sandwich(J, g) = (J H Jᵀ, J H g)`` for a constraint :class:`~constrained_optim.jacobian.Jacobian` (the
-m×m matrix and the m-vector of the penalty QP), ``update(s, y)`` and ``reset()``.
+``sandwich(J, g)`` (:class:`Sandwich`: ``J H Jᵀ`` and ``J H g`` for a constraint
+:class:`~constrained_optim.jacobian.Jacobian`, the m×m matrix and the m-vector of the penalty QP, and the step
+``−H (μ g + Jᵀy)``), ``update(s, y)`` and ``reset()``; ``version`` changes whenever
+``H`` does.
 
 Inverse BFGS update with ``ρ = 1 / sᵀy``:
 
@@ -29,16 +31,29 @@ It needs ``V`` only through ``WᵀV`` (W = [S Y], n × 2k), so ``J H Jᵀ = γ J
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 
-def _damp(s: Tensor, y: Tensor, Hy: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """Powell-damped ``s`` and its curvature ``sᵀy``."""
-    sy, yHy = s.dot(y), y.dot(Hy)
+@dataclass
+class Sandwich:
+    """The penalty QP's data at one point: ``M = J H Jᵀ``, ``JHg = J H ∇f``, and ``direction(μ, y, Jᵀy) =
+    −H (μ ∇f + Jᵀy)``, the primal step of a dual solution y (from quantities the sandwich already has)."""
+
+    M: Tensor
+    JHg: Tensor
+    direction: Callable[[float, Tensor, Tensor], Tensor]
+
+
+def _damp(s: Tensor, y: Tensor, yHy: Tensor, Hy: Callable[[], Tensor], theta: float) -> tuple[Tensor, Tensor]:
+    """Powell-damped ``s`` and its curvature ``sᵀy`` (``Hy()`` is only formed when damping is needed)."""
+    sy = s.dot(y)
     if sy < theta * yHy:
         tau = (1 - theta) * yHy / (yHy - sy)
-        s = tau * s + (1 - tau) * Hy
+        s = tau * s + (1 - tau) * Hy()
         sy = s.dot(y)
     return s, sy
 
@@ -53,19 +68,21 @@ class DenseBFGS:
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, damping: float = 1e-4):
         self.n, self.dtype, self.device, self.damping = n, dtype, device, damping
+        self.version = 0
         self.reset()
 
     def reset(self) -> None:
         self.H = torch.eye(self.n, dtype=self.dtype, device=self.device)
         self.updates = 0
+        self.version += 1
 
     def apply(self, V: Tensor) -> Tensor:
         return self.H @ V
 
-    def sandwich(self, J, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``(J H Jᵀ, J H g)``, with ``J H = (H Jᵀ)ᵀ`` (H is symmetric)."""
-        JH = J @ self.H
-        return J @ JH.T, JH @ g
+    def sandwich(self, J, g: Tensor) -> Sandwich:
+        """``J H Jᵀ`` and ``J H g``, with ``J H = (H Jᵀ)ᵀ`` (H is symmetric)."""
+        JH, H = J @ self.H, self.H
+        return Sandwich(J @ JH.T, JH @ g, lambda mu, y, Jty: -(H @ (mu * g + Jty)))
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Apply one damped BFGS update; returns False when the pair was skipped."""
@@ -74,7 +91,7 @@ class DenseBFGS:
             if sy0 > 0 and yy > 0 and torch.isfinite(sy0 / yy):
                 self.H = (sy0 / yy) * self.H
         Hy = self.H @ y
-        s, sy = _damp(s, y, Hy, self.damping)
+        s, sy = _damp(s, y, y.dot(Hy), lambda: Hy, self.damping)
         if not _acceptable(sy, s, y):
             return False
         rho = 1.0 / sy
@@ -82,6 +99,7 @@ class DenseBFGS:
         self.H = self.H - rho * (Hy_s + Hy_s.T) + (rho * rho * y.dot(Hy) + rho) * torch.outer(s, s)
         self.H = 0.5 * (self.H + self.H.T)
         self.updates += 1
+        self.version += 1
         return True
 
     def state_dict(self) -> dict:
@@ -90,6 +108,7 @@ class DenseBFGS:
     def load_state_dict(self, state: dict) -> None:
         self.H = state["H"].to(dtype=self.dtype, device=self.device).clone()
         self.updates = int(state["updates"])
+        self.version += 1
 
 
 class LBFGS:
@@ -102,9 +121,11 @@ class LBFGS:
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, memory: int, damping: float = 1e-4):
         self.n, self.dtype, self.device, self.memory, self.damping = n, dtype, device, memory, damping
+        self.version = 0
         self.reset()
 
     def reset(self) -> None:
+        self.version += 1
         self._W = None
         self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
@@ -150,27 +171,43 @@ class LBFGS:
         gamma, X = self._coefficients((W @ V).reshape(len(W), -1))
         return gamma * V + (W.T @ X).reshape(V.shape)
 
-    def sandwich(self, J, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``(J H Jᵀ, J H g) = (γ J Jᵀ + (J W) X_J, γ J g + (J W) X_g)``, X the coefficients of ``H [Jᵀ g]``."""
-        Jg = J @ g
+    def sandwich(self, J, g: Tensor) -> Sandwich:
+        """``J H Jᵀ = γ J Jᵀ + (J W) X_J`` and ``J H g = γ J g + (J W) X_g``, X the coefficients of ``H [Jᵀ g]``;
+        the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last)."""
         if not self.order:
-            return J.gram(), Jg
+            G, Jg = J.gram_and_times([g[None]])
+            return Sandwich(G, Jg[:, 0], lambda mu, y, Jty: -(mu * g + Jty))
         W = self.W
-        JW = J @ W.T
-        gamma, X = self._coefficients(torch.cat([JW.T, (W @ g)[:, None]], dim=1))
+        G, JV = J.gram_and_times([W, g[None]])            # one pass over J: J Jᵀ, J W, J g
+        JW, Jg, Wg = JV[:, :-1], JV[:, -1], W @ g
+        gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
-        return gamma * J.gram() + JWX[:, :-1], gamma * Jg + JWX[:, -1]
+
+        def direction(mu: float, y: Tensor, Jty: Tensor) -> Tensor:
+            _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
+            return -(gamma * (mu * g + Jty) + W.T @ Xd[:, 0])
+        return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction)
 
     def update(self, s: Tensor, y: Tensor) -> bool:
-        s, sy = _damp(s, y, self.apply(y), self.damping)
+        """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it)."""
+        if self.order:
+            Wy = self.W @ y
+            gamma, X = self._coefficients(Wy[:, None])
+            yHy = gamma * y.dot(y) + Wy.dot(X[:, 0])
+            s, sy = _damp(s, y, yHy, lambda: gamma * y + self.W.T @ X[:, 0], self.damping)
+        else:
+            Wy = None
+            s, sy = _damp(s, y, y.dot(y), lambda: y, self.damping)
         if not _acceptable(sy, s, y):
             return False
-        self._append(s, y)
+        self._append(s, y, sy, Wy)
         self.updates += 1
+        self.version += 1
         return True
 
-    def _append(self, s: Tensor, y: Tensor) -> None:
-        """Store the pair in the oldest slot (or a free one) and update ``SᵀY``, ``YᵀY``."""
+    def _append(self, s: Tensor, y: Tensor, sy: Tensor, Wy: Tensor | None) -> None:
+        """Store the pair in the oldest slot (or a free one) and update ``SᵀY``, ``YᵀY``; ``Wy``: ``Wᵀy`` before
+        the pair was stored (None: no pairs yet)."""
         if self._W is None:
             self._W = torch.empty(2 * self.memory, self.n, dtype=self.dtype, device=self.device)
         slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
@@ -178,16 +215,32 @@ class LBFGS:
         self.order.append(slot)
         k = len(self.order)
         W = self._W[:2 * k]
-        Ws, Wy = W @ s, W @ y                        # [sᵢᵀs, yᵢᵀs]ᵢ and [sᵢᵀy, yᵢᵀy]ᵢ
+        Ws = W @ s                                   # [sᵢᵀs, yᵢᵀs]ᵢ
+        # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
+        Wy = torch.cat([Wy, s.new_zeros(2 * k - len(Wy))]) if Wy is not None else s.new_zeros(2)
+        Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
         self._SY[slot, :k] = Ws[1::2]
         self._SY[:k, slot] = Wy[0::2]
         self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
 
     def state_dict(self) -> dict:
-        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates}
+        """The pairs oldest first, their buffer slots and ``SᵀY``, ``YᵀY`` (oldest first), so that a loaded
+        operator computes exactly what this one does."""
+        slots = torch.tensor(self.order, dtype=torch.long)
+        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates,
+                "slots": slots, "SY": self._SY[slots[:, None], slots].clone(),
+                "YY": self._YY[slots[:, None], slots].clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
-        for s, y in zip(state["S"], state["Y"]):
-            self._append(s.to(dtype=self.dtype, device=self.device), y.to(dtype=self.dtype, device=self.device))
+        work = dict(dtype=self.dtype, device=self.device)
+        if state["S"]:
+            self._W = torch.empty(2 * self.memory, self.n, **work)
+        for slot, s, y in zip(state["slots"].tolist(), state["S"], state["Y"]):
+            self._W[2 * slot], self._W[2 * slot + 1] = s.to(**work), y.to(**work)
+            self.order.append(slot)
+        slots = state["slots"].to(self.device)
+        self._SY[slots[:, None], slots] = state["SY"].to(**work)
+        self._YY[slots[:, None], slots] = state["YY"].to(**work)
         self.updates = int(state["updates"])
+        self.version += 1

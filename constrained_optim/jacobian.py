@@ -24,6 +24,7 @@ from torch import Tensor
 
 _WORK = torch.float64
 _BLOCK = 1 << 21      # entries of D converted to float64 at a time (16 MiB)
+_SLICE = 1 << 18      # entries of [D; V] per column slice of the fused products (2 MiB: stays in cache)
 
 
 class Jacobian:
@@ -89,33 +90,32 @@ class Jacobian:
     def gram(self) -> Tensor:
         """``J Jᵀ`` (m, m), computed once."""
         if self._gram is None:
-            self._gram = self._compute_gram()
+            self.gram_and_times([])
         return self._gram
 
-    def _compute_gram(self) -> Tensor:
+    def gram_and_times(self, rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(J Jᵀ, J Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all), in one pass over the dense rows
+        (``J Jᵀ`` is kept for later calls)."""
+        V = [R.to(_WORK) for R in rows]
+        DDt, DVt = _products(self.blocks, V, self._gram is None, self.signs)
+        JVt = self.signs.new_empty(self.m, sum(len(R) for R in V))
+        JVt[self.dense_rows] = DVt
+        if V:
+            JVt[self.bound_rows] = self.signs[:, None] * torch.cat([R[:, self.columns] for R in V]).T
+        if self._gram is None:
+            self._gram = self._assemble_gram(DDt)
+        return self._gram, JVt
+
+    def _assemble_gram(self, DDt: Tensor) -> Tensor:
         G = self.signs.new_zeros(self.m, self.m)
         dense, bound = self.dense_rows, self.bound_rows
-        G[dense[:, None], dense] = self._dense_gram()
+        G[dense[:, None], dense] = DDt
         if self.bounds:
             DB = self.signs * self._dense([B[:, self.columns].to(_WORK) for B in self.blocks], G)   # D Bᵀ
             G[dense[:, None], bound] = DB
             G[bound[:, None], dense] = DB.T
             same = self.columns[:, None] == self.columns[None, :]
             G[bound[:, None], bound] = torch.outer(self.signs, self.signs) * same
-        return G
-
-    def _dense_gram(self) -> Tensor:
-        """``D Dᵀ`` block by block (each off-diagonal block once)."""
-        r = self.dense_rows.numel()
-        G = self.signs.new_empty(r, r)
-        starts = [0]
-        for B in self.blocks:
-            starts.append(starts[-1] + len(B))
-        for i, Bi in enumerate(self.blocks):
-            for j in range(i, len(self.blocks)):
-                block = _gram(Bi, self.blocks[j])
-                G[starts[i]:starts[i + 1], starts[j]:starts[j + 1]] = block
-                G[starts[j]:starts[j + 1], starts[i]:starts[i + 1]] = block.T
         return G
 
     def row_norms(self) -> Tensor:
@@ -166,18 +166,15 @@ def _signed(signs: Tensor, values: Tensor) -> Tensor:
     return signs.reshape((-1,) + (1,) * (values.dim() - 1)) * values
 
 
-def _column_blocks(*matrices: Tensor):
-    """Column slices of matrices with n columns, about ``_BLOCK`` entries at a time, with a float64 copy of
-    each matrix's slice (one reused buffer per matrix)."""
-    rows, n = sum(len(M) for M in matrices), matrices[0].shape[1]
-    width = max(1, _BLOCK // max(rows, 1))
-    buffers = [M.new_empty(len(M), min(width, n), dtype=_WORK) for M in matrices]
+def _column_blocks(D: Tensor):
+    """Column slices of D of about ``_BLOCK`` entries with a float64 copy of each (one reused buffer)."""
+    r, n = D.shape
+    width = max(1, _BLOCK // max(r, 1))
+    buffer = D.new_empty(r, min(width, n), dtype=_WORK)
     for start in range(0, n, width):
-        cols = slice(start, start + width)
-        blocks = [buffer[:, :min(width, n - start)] for buffer in buffers]
-        for block, M in zip(blocks, matrices):
-            block.copy_(M[:, cols])
-        yield cols, blocks
+        block = buffer[:, :min(width, n - start)]
+        block.copy_(D[:, start:start + width])
+        yield slice(start, start + width), block
 
 
 def _times(D: Tensor, V: Tensor) -> Tensor:
@@ -186,7 +183,7 @@ def _times(D: Tensor, V: Tensor) -> Tensor:
     if D.dtype == _WORK:
         return D @ V
     out = V.new_zeros((D.shape[0],) + V.shape[1:])
-    for cols, (block,) in _column_blocks(D):
+    for cols, block in _column_blocks(D):
         out += block @ V[cols]
     return out
 
@@ -196,15 +193,31 @@ def _add_transposed_times(out: Tensor, D: Tensor, w: Tensor) -> None:
     if D.dtype == _WORK:
         out += D.T @ w
         return
-    for cols, (block,) in _column_blocks(D):
+    for cols, block in _column_blocks(D):
         out[cols] += block.T @ w
 
 
-def _gram(A: Tensor, B: Tensor) -> Tensor:
-    """``A Bᵀ`` accumulated in float64."""
-    if A.dtype == _WORK:
-        return A @ B.T
-    out = A.new_zeros(len(A), len(B), dtype=_WORK)
-    for _, blocks in _column_blocks(*((A,) if A is B else (A, B))):
-        out += blocks[0] @ blocks[-1].T
-    return out
+def _products(blocks: list[Tensor], rows: list[Tensor], gram: bool, like: Tensor) -> tuple[Tensor | None, Tensor]:
+    """``(D Dᵀ if gram, D Vᵀ)`` for D, V the stacked blocks and rows (all with n columns), accumulated in float64
+    over column slices of ``[D; V]`` copied into one small buffer (cache-sized: faster than separate products,
+    even in float64). ``like``: a float64 tensor on the device."""
+    r, k = sum(len(B) for B in blocks), sum(len(R) for R in rows)
+    DDt = like.new_zeros(r, r) if gram else None
+    DVt = like.new_zeros(r, k)
+    if not r:
+        return DDt, DVt
+    n = blocks[0].shape[1]
+    width = max(1, _SLICE // (r + k))
+    buffer = like.new_empty(r + k, min(width, n))
+    for start in range(0, n, width):
+        cols = slice(start, start + width)
+        block = buffer[:, :min(width, n - start)]
+        row = 0
+        for M in blocks + rows:
+            block[row:row + len(M)].copy_(M[:, cols])
+            row += len(M)
+        D = block[:r]
+        if gram:
+            DDt.addmm_(D, D.T)
+        DVt.addmm_(D, block[r:].T)
+    return DDt, DVt

@@ -31,7 +31,7 @@ from ._flat import FlatParams
 from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
-from .hessian import LBFGS, DenseBFGS
+from .hessian import LBFGS, DenseBFGS, Sandwich
 from .jacobian import Jacobian
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .qp import QPResult
@@ -58,11 +58,26 @@ class _Point:
     values: ConstraintValues
     loss: Tensor
     J: Jacobian | None = None
+    Jtw: Tensor | None = None
+    _sandwich: tuple | None = None
 
     def jacobian(self) -> Jacobian:
         if self.J is None:
             self.J = self.values.structured_jacobian()
         return self.J
+
+    def sandwich(self, H) -> Sandwich:
+        """``J H Jᵀ``, ``J H ∇f`` (and the step of a dual solution) of the penalty QP, computed once per point and
+        ``H.version``."""
+        if self._sandwich is None or self._sandwich[0] is not H or self._sandwich[1] != H.version:
+            self._sandwich = (H, H.version, H.sandwich(self.jacobian(), self.g))
+        return self._sandwich[2]
+
+    def violation_gradient(self, p: int) -> Tensor:
+        """``Jᵀw ∈ ∂v`` (w: the violation weights), computed once."""
+        if self.Jtw is None:
+            self.Jtw = self.jacobian().T @ violation_weights(self.c, p)
+        return self.Jtw
 
     @property
     def finite(self) -> bool:
@@ -276,8 +291,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
-        w = violation_weights(point.c, self._state["p"])
-        return mu * point.g + point.jacobian().T @ w
+        return mu * point.g + point.violation_gradient(self._state["p"])
 
     def _phi(self, point: _Point, mu: float) -> float:
         return mu * point.f + float(violation(point.c, self._state["p"]))
@@ -342,7 +356,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         point, H, p = st["point"], st["hessian"], st["p"]
         mu_reductions = 0
         while True:
-            direction = self._steering.direction(point.g, point.c, point.jacobian(), p, H, st["mu"])
+            direction = self._steering.direction(point.c, point.jacobian(), p, point.sandwich(H), st["mu"])
             if not direction.qp_ok and H.updates > 0:
                 H.reset()
                 continue
@@ -368,8 +382,9 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                 continue
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
-            y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
-            H.update(trial.x - point.x, mu * (trial.g - point.g) + trial.jacobian().T @ y_dual - point.jacobian().T @ y_dual)
+            y_dual, Jty = ((direction.y, direction.Jty) if direction.qp_ok
+                           else (violation_weights(point.c, p), point.violation_gradient(p)))
+            H.update(trial.x - point.x, mu * (trial.g - point.g) + trial.jacobian().T @ y_dual - Jty)
             st["iteration"] += 1
             step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
@@ -484,6 +499,8 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         st = self._state
         st["x"], st["point"] = point.x, point
         st["samples"].append((point.x, point.g, point.jacobian()))
+        if status is Status.IN_PROGRESS:
+            point.sandwich(st["hessian"])      # the next direction's J H Jᵀ, in one pass with the certificate's J Jᵀ
         cert = self._certify(point)
         if status is Status.IN_PROGRESS and cert.kkt:
             status = Status.CONVERGED
@@ -580,9 +597,16 @@ def _check_state_dict(state_dict, n: int, group_sizes: list[int], memory: int | 
         raise bad(f"the saved Hessian approximation is not the {kind} one this optimizer uses (memory={memory})")
     if kind == "dense" and (not isinstance(H.get("H"), Tensor) or H["H"].shape != (n, n)):
         raise bad("the saved dense BFGS matrix has the wrong shape")
-    if kind == "lbfgs" and not all(isinstance(v, Tensor) and v.shape == (n,) for v in H.get("S", []) + H.get("Y", [])):
+    if kind == "lbfgs" and not _lbfgs_state_ok(H, n, memory):
         raise bad("the saved L-BFGS pairs have the wrong shape")
     for sample in saved["samples"]:
         if len(sample) != 3 or sample[0].shape != (n,) or sample[1].shape != (n,) or sample[2].shape[-1] != n:
             raise bad("a saved gradient sample has the wrong shape")
     return saved, groups
+
+def _lbfgs_state_ok(H: dict, n: int, memory: int) -> bool:
+    S, Y, slots = H.get("S", []), H.get("Y", []), H.get("slots")
+    k = len(S)
+    return (len(Y) == k <= memory and all(isinstance(v, Tensor) and v.shape == (n,) for v in S + Y)
+            and isinstance(slots, Tensor) and slots.shape == (k,) and bool(((slots >= 0) & (slots < memory)).all())
+            and all(isinstance(H.get(key), Tensor) and H[key].shape == (k, k) for key in ("SY", "YY")))
