@@ -130,6 +130,7 @@ class LBFGS:
         self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
         self.order: list[int] = []
+        self._slots = torch.zeros(0, dtype=torch.long, device=self.device)    # ``order`` as a tensor
         self.updates = 0
 
     @property
@@ -149,7 +150,7 @@ class LBFGS:
 
     def _coefficients(self, WtV: Tensor) -> tuple[Tensor, Tensor]:
         """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved) given ``WᵀV`` (2k, r)."""
-        slots = torch.tensor(self.order, device=self.device)
+        slots = self._slots
         SY = self._SY[slots[:, None], slots]
         YY = self._YY[slots[:, None], slots]
         newest = self.order[-1]
@@ -213,6 +214,7 @@ class LBFGS:
         slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
         self._W[2 * slot], self._W[2 * slot + 1] = s, y
         self.order.append(slot)
+        self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
         k = len(self.order)
         W = self._W[:2 * k]
         Ws = W @ s                                   # [sᵢᵀs, yᵢᵀs]ᵢ
@@ -226,7 +228,7 @@ class LBFGS:
     def state_dict(self) -> dict:
         """The pairs oldest first, their buffer slots and ``SᵀY``, ``YᵀY`` (oldest first), so that a loaded
         operator computes exactly what this one does."""
-        slots = torch.tensor(self.order, dtype=torch.long)
+        slots = self._slots
         return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates,
                 "slots": slots, "SY": self._SY[slots[:, None], slots].clone(),
                 "YY": self._YY[slots[:, None], slots].clone()}
@@ -239,7 +241,7 @@ class LBFGS:
         for slot, s, y in zip(state["slots"].tolist(), state["S"], state["Y"]):
             self._W[2 * slot], self._W[2 * slot + 1] = s.to(**work), y.to(**work)
             self.order.append(slot)
-        slots = state["slots"].to(self.device)
+        slots = self._slots = state["slots"].to(self.device)
         self._SY[slots[:, None], slots] = state["SY"].to(**work)
         self._YY[slots[:, None], slots] = state["YY"].to(**work)
         self.updates = int(state["updates"])

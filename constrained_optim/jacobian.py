@@ -24,7 +24,8 @@ from torch import Tensor
 
 _WORK = torch.float64
 _BLOCK = 1 << 21      # entries of D converted to float64 at a time (16 MiB)
-_SLICE = 1 << 18      # entries of [D; V] per column slice of the fused products (2 MiB: stays in cache)
+_SLICE = 1 << 18      # entries of [D; V] per column slice of the fused products (2 MiB: stays in a CPU cache)
+_ACCELERATOR = 1 << 6  # slices that many times larger off the CPU (few kernel launches, no cache to fit)
 
 
 class Jacobian:
@@ -169,7 +170,7 @@ def _signed(signs: Tensor, values: Tensor) -> Tensor:
 def _column_blocks(D: Tensor):
     """Column slices of D of about ``_BLOCK`` entries with a float64 copy of each (one reused buffer)."""
     r, n = D.shape
-    width = max(1, _BLOCK // max(r, 1))
+    width = max(1, _entries(_BLOCK, D.device) // max(r, 1))
     buffer = D.new_empty(r, min(width, n), dtype=_WORK)
     for start in range(0, n, width):
         block = buffer[:, :min(width, n - start)]
@@ -207,7 +208,7 @@ def _products(blocks: list[Tensor], rows: list[Tensor], gram: bool, like: Tensor
     if not r:
         return DDt, DVt
     n = blocks[0].shape[1]
-    width = max(1, _SLICE // (r + k))
+    width = max(1, _entries(_SLICE, like.device) // (r + k))
     buffer = like.new_empty(r + k, min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
@@ -221,3 +222,7 @@ def _products(blocks: list[Tensor], rows: list[Tensor], gram: bool, like: Tensor
             DDt.addmm_(D, D.T)
         DVt.addmm_(D, block[r:].T)
     return DDt, DVt
+
+
+def _entries(base: int, device: torch.device) -> int:
+    return base if device.type == "cpu" else base * _ACCELERATOR

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -45,6 +46,7 @@ _DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables
 _AUTO_MEMORY = 20
 _SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
 _SAMPLE_BUDGET = 1 << 24     # numbers held by the gradient samples, samples × (m + 2) n (128 MiB in float64)
+_MANY_ROWS = 1000            # more scalar constraint rows than this: warn (m×m dual QP, m×n Jacobian)
 
 
 @dataclass
@@ -335,6 +337,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         if not point.jacobian_finite:
             raise ValueError("a constraint gradient is not finite at the starting point")
         if "x" not in st:
+            _warn_if_many_rows(point.values)
             st["mu"] = float(self.defaults["mu0"])
             st["iteration"] = 0
             n = self._flat.n
@@ -545,6 +548,23 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
 
     def _measure_ok(self, meas) -> bool:
         return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
+
+
+def _warn_if_many_rows(values: ConstraintValues) -> None:
+    """Warn when m > ``_MANY_ROWS``, naming the largest constraints and what to do about them."""
+    if values.m <= _MANY_ROWS:
+        return
+    bounds = {rows.start for rows, _, _ in values.bounds}
+    largest = sorted(values.slices.items(), key=lambda item: item[1].start - item[1].stop)[:3]
+    names = ", ".join(f"{name!r} ({rows.stop - rows.start} rows{', bounds' if rows.start in bounds else ''})"
+                      for name, rows in largest)
+    warnings.warn(
+        f"ConstrainedSQP got {values.m} scalar constraint rows (more than {_MANY_ROWS}); largest: {names}. Every "
+        f"iteration solves a dense {values.m}×{values.m} dual QP (O(m²) memory, O(m³) time) and uses the m×n "
+        "Jacobian (O(m·n) memory; bounds of co.Box/co.NonNegative are never formed, but still enter the QP). "
+        "Fold a large constraint tensor into one row with fold='l2' or fold='max' (co.ineq(fn, fold='l2')); for a "
+        "box on a large parameter use co.ProjectedGradient or co.AugmentedLagrangian.", UserWarning,
+        stacklevel=6)   # the caller of step(): through Optimizer's wrapper, no_grad, step and _start
 
 
 def _check_open_interval(name: str, value: float, low: float, high: float) -> None:
