@@ -40,12 +40,12 @@ from torch import Tensor
 
 @dataclass
 class Sandwich:
-    """The penalty QP's data at one point: ``M = J H Jᵀ``, ``JHg = J H ∇f``, and ``direction(μ, y, Jᵀy) =
+    """The penalty QP's data at one point: ``M = J H Jᵀ``, ``JHg = J H ∇f``, and ``direction(μ, y) =
     −H (μ ∇f + Jᵀy)``, the primal step of a dual solution y (from quantities the sandwich already has)."""
 
     M: Tensor
     JHg: Tensor
-    direction: Callable[[float, Tensor, Tensor], Tensor]
+    direction: Callable[[float, Tensor], Tensor]
 
 
 def _damp(s: Tensor, y: Tensor, yHy: Tensor, Hy: Callable[[], Tensor], theta: float) -> tuple[Tensor, Tensor]:
@@ -80,9 +80,14 @@ class DenseBFGS:
         return self.H @ V
 
     def sandwich(self, J, g: Tensor) -> Sandwich:
-        """``J H Jᵀ`` and ``J H g``, with ``J H = (H Jᵀ)ᵀ`` (H is symmetric)."""
-        JH, H = J @ self.H, self.H
-        return Sandwich(J @ JH.T, JH @ g, lambda mu, y, Jty: -(H @ (mu * g + Jty)))
+        """``[H g, H Jᵀ]`` by one product (the bound rows' columns of ``H Jᵀ`` are columns of H), then
+        ``J H Jᵀ``, ``J H g`` and ``−H (μ g + Jᵀy) = −(μ H g + H Jᵀ y)``."""
+        HV = self.H @ torch.cat([g[:, None], J.dense.T.to(self.dtype)], dim=1)
+        Hg = HV[:, 0]
+        HJt = HV.new_empty(self.n, J.m)
+        HJt[:, J.dense_rows] = HV[:, 1:]
+        HJt[:, J.bound_rows] = self.H[:, J.columns] * J.signs
+        return Sandwich(J @ HJt, J @ Hg, lambda mu, y: -(mu * Hg + HJt @ y))
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Apply one damped BFGS update; returns False when the pair was skipped."""
@@ -177,16 +182,16 @@ class LBFGS:
         the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last)."""
         if not self.order:
             G, Jg = J.gram_and_times([g[None]])
-            return Sandwich(G, Jg[:, 0], lambda mu, y, Jty: -(mu * g + Jty))
+            return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
         W = self.W
         G, JV = J.gram_and_times([W, g[None]])            # one pass over J: J Jᵀ, J W, J g
         JW, Jg, Wg = JV[:, :-1], JV[:, -1], W @ g
         gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
 
-        def direction(mu: float, y: Tensor, Jty: Tensor) -> Tensor:
+        def direction(mu: float, y: Tensor) -> Tensor:
             _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
-            return -(gamma * (mu * g + Jty) + W.T @ Xd[:, 0])
+            return -(gamma * (mu * g + J.T @ y) + W.T @ Xd[:, 0])
         return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction)
 
     def update(self, s: Tensor, y: Tensor) -> bool:

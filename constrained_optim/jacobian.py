@@ -26,6 +26,7 @@ _WORK = torch.float64
 _BLOCK = 1 << 21      # entries of D converted to float64 at a time (16 MiB)
 _SLICE = 1 << 18      # entries of [D; V] per column slice of the fused products (2 MiB: stays in a CPU cache)
 _ACCELERATOR = 1 << 6  # slices that many times larger off the CPU (few kernel launches, no cache to fit)
+_SMALL = 1 << 20      # dense parts up to this many entries are kept as one matrix (one product, not one per block)
 
 
 class Jacobian:
@@ -33,8 +34,8 @@ class Jacobian:
 
     Args:
         blocks: the dense rows ``D`` as a list of row blocks (r_j, n), one per constraint (so that the rows of
-            a constraint are used where autograd wrote them, never copied into one matrix); at least one
-            (possibly (0, n)) block, which sets n and the dtype.
+            a large constraint are used where autograd wrote them, never copied into one matrix; a small
+            ``D`` is stacked into one); at least one (possibly (0, n)) block, which sets n and the dtype.
         dense_rows: (r,) positions in ``c`` of the dense rows, ``r = Σ r_j``.
         bound_rows: (b,) positions in ``c`` of the bound rows.
         columns: (b,) the column ``k_i`` of each bound row.
@@ -45,6 +46,8 @@ class Jacobian:
                  signs: Tensor):
         self.n, self.dtype = blocks[0].shape[1], blocks[0].dtype
         self.blocks = [B for B in blocks if B.shape[0]]
+        if len(self.blocks) > 1 and dense_rows.numel() * self.n <= _SMALL:
+            self.blocks = [torch.cat(self.blocks)]
         self.dense_rows, self.bound_rows = dense_rows, bound_rows
         self.columns, self.signs = columns, signs.to(device=blocks[0].device, dtype=_WORK)
         self.m = dense_rows.numel() + bound_rows.numel()
@@ -77,6 +80,24 @@ class Jacobian:
         out = V.new_empty((self.m,) + V.shape[1:], dtype=_WORK)
         out[self.dense_rows] = self._dense([_times(B, V) for B in self.blocks], V)
         out[self.bound_rows] = _signed(self.signs, V[self.columns].to(_WORK))
+        return out
+
+    @property
+    def dense(self) -> Tensor:
+        """``D`` (r, n), the dense rows as one matrix (a copy when there are several large blocks)."""
+        if len(self.blocks) == 1:
+            return self.blocks[0]
+        return torch.cat(self.blocks) if self.blocks else self.signs.new_zeros(0, self.n, dtype=self.dtype)
+
+    def rmatmul_change(self, previous: "Jacobian", w: Tensor) -> Tensor:
+        """``(J − J_prev)ᵀ w`` for the Jacobian of the same constraints at another point, without the cancellation
+        of ``Jᵀw − J_prevᵀw`` (bound rows do not change)."""
+        out = w.new_zeros(self.n, dtype=_WORK)
+        w_dense, start = w[self.dense_rows].to(_WORK), 0
+        for B, B_prev in zip(self.blocks, previous.blocks):
+            for cols in _column_slices(B):
+                out[cols] += (B[:, cols] - B_prev[:, cols]).to(_WORK).T @ w_dense[start:start + len(B)]
+            start += len(B)
         return out
 
     def rmatmul(self, w: Tensor) -> Tensor:
@@ -165,6 +186,12 @@ class _Transposed:
 
 def _signed(signs: Tensor, values: Tensor) -> Tensor:
     return signs.reshape((-1,) + (1,) * (values.dim() - 1)) * values
+
+
+def _column_slices(D: Tensor):
+    """Column slices of D of about ``_BLOCK`` entries (all of D when it is small)."""
+    width = max(1, _entries(_BLOCK, D.device) // max(len(D), 1))
+    return [slice(start, start + width) for start in range(0, D.shape[1], width)]
 
 
 def _column_blocks(D: Tensor):

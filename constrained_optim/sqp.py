@@ -359,7 +359,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         point, H, p = st["point"], st["hessian"], st["p"]
         mu_reductions = 0
         while True:
-            direction = self._steering.direction(point.c, point.jacobian(), p, point.sandwich(H), st["mu"])
+            direction = self._steering.direction(point.c, p, point.sandwich(H), st["mu"])
             if not direction.qp_ok and H.updates > 0:
                 H.reset()
                 continue
@@ -385,9 +385,9 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
                 continue
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
-            y_dual, Jty = ((direction.y, direction.Jty) if direction.qp_ok
-                           else (violation_weights(point.c, p), point.violation_gradient(p)))
-            H.update(trial.x - point.x, mu * (trial.g - point.g) + trial.jacobian().T @ y_dual - Jty)
+            y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
+            y = mu * (trial.g - point.g) + trial.jacobian().rmatmul_change(point.jacobian(), y_dual)
+            H.update(trial.x - point.x, y)
             st["iteration"] += 1
             step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,

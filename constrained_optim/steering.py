@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from .hessian import Sandwich
-from .jacobian import Jacobian
 from .qp import solve_box_qp
 
 
@@ -46,7 +45,6 @@ class Direction:
     mu: float             # penalty parameter it was computed for
     y: Tensor             # (m,) dual solution (QP multipliers, μ-scaled)
     qp_ok: bool           # the QP that gave d was solved
-    Jty: Tensor           # (n,) Jᵀy
 
 
 class Steering:
@@ -65,9 +63,9 @@ class Steering:
     def reset(self) -> None:
         self.warm = None
 
-    def direction(self, c: Tensor, J: Jacobian, p: int, sandwich: Sandwich, mu: float) -> Direction:
-        """The steered direction at a point with constraints ``c``, Jacobian ``J`` and ``sandwich =
-        H.sandwich(J, ∇f)`` (``J H Jᵀ``, ``J H ∇f`` and the step of a dual solution)."""
+    def direction(self, c: Tensor, p: int, sandwich: Sandwich, mu: float) -> Direction:
+        """The steered direction at a point with constraints ``c`` and ``sandwich = H.sandwich(J, ∇f)``
+        (``J H Jᵀ``, ``J H ∇f`` and the step of a dual solution)."""
         m = c.numel()
         M, Jg = sandwich.M, sandwich.JHg
         M = 0.5 * (M + M.T)
@@ -93,12 +91,12 @@ class Steering:
         Y, ell, ok = solve(c.new_tensor([mu, 0.0]))
         ell_mu, ell_ref = float(ell[0]), float(ell[1])
         if ell_mu >= self.c_v * v - slack or ell_mu >= self.c_v * ell_ref - slack:
-            return _make(J, sandwich, mu, Y[0], bool(ok[0]))
+            return _make(sandwich, mu, Y[0], bool(ok[0]))
         mus = self._candidates(mu, c)
         Yr, ellr, okr = solve(mus)
         passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
         i = int(passed[0]) if passed.numel() else mus.numel() - 1
-        return _make(J, sandwich, float(mus[i]), Yr[i], bool(okr[i]))
+        return _make(sandwich, float(mus[i]), Yr[i], bool(okr[i]))
 
     def _candidates(self, mu: float, c: Tensor) -> Tensor:
         """μ c_μ^j (j = 1..max_reductions), then μ c_μ^max_reductions 10^-k (k = 1..6)."""
@@ -108,7 +106,6 @@ class Steering:
         return mu * torch.cat([self.c_mu ** j, last * 10.0 ** -k])
 
 
-def _make(J: Jacobian, sandwich: Sandwich, mu: float, y: Tensor, ok: bool) -> Direction:
+def _make(sandwich: Sandwich, mu: float, y: Tensor, ok: bool) -> Direction:
     """``d(μ) = −H (μ ∇f + Jᵀ y)``."""
-    Jty = J.T @ y
-    return Direction(sandwich.direction(mu, y, Jty), mu, y, ok, Jty)
+    return Direction(sandwich.direction(mu, y), mu, y, ok)

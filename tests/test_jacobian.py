@@ -45,11 +45,20 @@ def test_products_match_the_dense_matrix(dtype):
 
 
 def test_nonfinite_rows_are_detected():
-    J, _, _ = _random_jacobian(F64)
+    J, dense, _ = _random_jacobian(F64)
     assert J.finite
-    J.blocks[1][0, 5] = float("nan")
-    J2 = Jacobian(J.blocks, J.dense_rows, J.bound_rows, J.columns, J.signs)
-    assert not J2.finite and torch.isnan(J2.row_amax()[5])
+    blocks = [dense[:3].clone(), dense[5:6].clone()]
+    blocks[1][0, 5] = float("nan")
+    J = Jacobian(blocks, J.dense_rows, J.bound_rows, J.columns, J.signs)
+    assert not J.finite and torch.isnan(J.row_amax()[5]) and not torch.isnan(J.row_amax()[:5]).any()
+
+
+def test_change_between_points_needs_no_cancellation():
+    J, dense, gen = _random_jacobian(F64)
+    moved = [B + 1e-9 * torch.randn(B.shape, generator=gen, dtype=F64) for B in J.blocks]
+    J2 = Jacobian(moved, J.dense_rows, J.bound_rows, J.columns, J.signs)
+    w = torch.randn(9, generator=gen, dtype=F64)
+    assert torch.allclose(J2.rmatmul_change(J, w), (J2.to_dense() - dense).T @ w, rtol=1e-12, atol=0)
 
 
 def test_box_rows_are_recorded_by_column_not_differentiated():
@@ -63,7 +72,7 @@ def test_box_rows_are_recorded_by_column_not_differentiated():
     flat = FlatParams([x, y])
     values = evaluate(cons, flat)
     J = values.structured_jacobian()
-    assert J.bounds == 19 + 20 + 3 and len(J.blocks) == 2          # only 'ball' and 'tie' are differentiated
+    assert J.bounds == 19 + 20 + 3 and J.dense.shape == (1 + 5, 23)     # only "ball" and "tie" are differentiated
     # the same rows as ordinary constraints, differentiated by autograd
     plain = canonical([co.ineq(lambda: (x ** 2).sum() + y.sum() - 1, name="ball"), co.ineq(box._rows, name="box0"),
                        co.ineq(lambda: -y, name="nonnegative0"), co.eq(lambda: x[0] - y[:1].sum(), name="tie")])
