@@ -181,11 +181,11 @@ class LBFGS:
         """``J H Jᵀ = γ J Jᵀ + (J W) X_J`` and ``J H g = γ J g + (J W) X_g``, X the coefficients of ``H [Jᵀ g]``;
         the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last)."""
         if not self.order:
-            G, Jg = J.gram_and_times([g[None]])
+            G, Jg, _ = J.gram_and_times([g[None]])
             return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
         W = self.W
-        G, JV = J.gram_and_times([W, g[None]])            # one pass over J: J Jᵀ, J W, J g
-        JW, Jg, Wg = JV[:, :-1], JV[:, -1], W @ g
+        G, JV, gV = J.gram_and_times([W, g[None]], left=g[None])     # one pass: J Jᵀ, J W, J g, Wᵀg
+        JW, Jg, Wg = JV[:, :-1], JV[:, -1], gV[0, :-1]
         gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
 
@@ -222,11 +222,11 @@ class LBFGS:
         self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
         k = len(self.order)
         W = self._W[:2 * k]
-        Ws = W @ s                                   # [sᵢᵀs, yᵢᵀs]ᵢ
+        Ys = W[1::2] @ s                             # [yᵢᵀs]ᵢ
         # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
         Wy = torch.cat([Wy, s.new_zeros(2 * k - len(Wy))]) if Wy is not None else s.new_zeros(2)
         Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
-        self._SY[slot, :k] = Ws[1::2]
+        self._SY[slot, :k] = Ys
         self._SY[:k, slot] = Wy[0::2]
         self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
 

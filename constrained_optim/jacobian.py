@@ -115,18 +115,20 @@ class Jacobian:
             self.gram_and_times([])
         return self._gram
 
-    def gram_and_times(self, rows: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(J Jᵀ, J Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all), in one pass over the dense rows
-        (``J Jᵀ`` is kept for later calls)."""
+    def gram_and_times(self, rows: list[Tensor], left: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(J Jᵀ, J Vᵀ, L Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all) and extra rows ``L``
+        (e, n) (none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls)."""
         V = [R.to(_WORK) for R in rows]
-        DDt, DVt = _products(self.blocks, V, self._gram is None, self.signs)
+        L = [] if left is None else [left.to(_WORK)]
+        DDt, DLVt = _products(self.blocks, L, V, self._gram is None, self.signs)
+        r = self.dense_rows.numel()
         JVt = self.signs.new_empty(self.m, sum(len(R) for R in V))
-        JVt[self.dense_rows] = DVt
+        JVt[self.dense_rows] = DLVt[:r]
         if V:
             JVt[self.bound_rows] = self.signs[:, None] * torch.cat([R[:, self.columns] for R in V]).T
         if self._gram is None:
             self._gram = self._assemble_gram(DDt)
-        return self._gram, JVt
+        return self._gram, JVt, DLVt[r:]
 
     def _assemble_gram(self, DDt: Tensor) -> Tensor:
         G = self.signs.new_zeros(self.m, self.m)
@@ -225,29 +227,29 @@ def _add_transposed_times(out: Tensor, D: Tensor, w: Tensor) -> None:
         out[cols] += block.T @ w
 
 
-def _products(blocks: list[Tensor], rows: list[Tensor], gram: bool, like: Tensor) -> tuple[Tensor | None, Tensor]:
-    """``(D Dᵀ if gram, D Vᵀ)`` for D, V the stacked blocks and rows (all with n columns), accumulated in float64
-    over column slices of ``[D; V]`` copied into one small buffer (cache-sized: faster than separate products,
-    even in float64). ``like``: a float64 tensor on the device."""
-    r, k = sum(len(B) for B in blocks), sum(len(R) for R in rows)
+def _products(blocks: list[Tensor], extra: list[Tensor], rows: list[Tensor], gram: bool,
+              like: Tensor) -> tuple[Tensor | None, Tensor]:
+    """``(D Dᵀ if gram, [D; E] Vᵀ)`` for D, E, V the stacked blocks, extra rows and rows (all with n columns),
+    accumulated in float64 over column slices of ``[D; E; V]`` copied into one small buffer (cache-sized: faster
+    than separate products, even in float64). ``like``: a float64 tensor on the device."""
+    r, e, k = (sum(len(M) for M in group) for group in (blocks, extra, rows))
     DDt = like.new_zeros(r, r) if gram else None
-    DVt = like.new_zeros(r, k)
-    if not r:
+    DVt = like.new_zeros(r + e, k)
+    if not r + e:
         return DDt, DVt
-    n = blocks[0].shape[1]
-    width = max(1, _entries(_SLICE, like.device) // (r + k))
-    buffer = like.new_empty(r + k, min(width, n))
+    n = (blocks + extra)[0].shape[1]
+    width = max(1, _entries(_SLICE, like.device) // (r + e + k))
+    buffer = like.new_empty(r + e + k, min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
         block = buffer[:, :min(width, n - start)]
         row = 0
-        for M in blocks + rows:
+        for M in blocks + extra + rows:
             block[row:row + len(M)].copy_(M[:, cols])
             row += len(M)
-        D = block[:r]
         if gram:
-            DDt.addmm_(D, D.T)
-        DVt.addmm_(D, block[r:].T)
+            DDt.addmm_(block[:r], block[:r].T)
+        DVt.addmm_(block[:r + e], block[r + e:].T)
     return DDt, DVt
 
 

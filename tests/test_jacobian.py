@@ -35,9 +35,10 @@ def test_products_match_the_dense_matrix(dtype):
     assert torch.allclose(J @ v, dense @ v, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J @ V, dense @ V, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J.T @ w, dense.T @ w, rtol=1e-13, atol=1e-13)
-    G, JVt = J.gram_and_times([V.T[:3], v[None]])
+    G, JVt, vVt = J.gram_and_times([V.T[:3], v[None]], left=v[None])
     assert torch.allclose(G, dense @ dense.T, rtol=1e-13, atol=1e-13)
     assert torch.allclose(JVt, dense @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13, atol=1e-13)
+    assert torch.allclose(vVt, v @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13)
     assert J.gram() is G                                   # computed once
     assert torch.allclose(J.row_norms(), torch.linalg.vector_norm(dense, dim=1), rtol=1e-6)
     assert torch.equal(J.row_amax(), dense.abs().amax(dim=1))
