@@ -260,7 +260,8 @@ class Ball(Set):
         name: base constraint name.
 
     ``as_constraint``: one inequality: ``(‖d‖₂² − r²) / (2r)`` (p = 2, smooth, equal to ``‖d‖₂ − r`` to
-    first order at the boundary), ``‖d‖₁ − r`` (p = 1), or the rows ``d − r`` then ``−d − r`` (p = ∞).
+    first order at the boundary), ``‖d‖₁ − r`` (p = 1), or the rows ``d − r`` then ``−d − r`` (p = ∞, a
+    :class:`~constrained_optim.constraints.Bounds`).
     """
 
     def __init__(self, param: Tensor, radius: float = 1.0, p: float | str = 2,
@@ -294,7 +295,11 @@ class Ball(Set):
         return torch.cat([(d - r).reshape(-1), (-d - r).reshape(-1)])
 
     def _constraints(self, base: str) -> list[Constraint]:
-        return [ineq(self._value, name=base)]
+        if self.p != math.inf:
+            return [ineq(self._value, name=base)]
+        index = torch.arange(self.param.numel(), device=self.param.device).repeat(2)
+        signs = torch.cat([torch.ones(self.param.numel()), -torch.ones(self.param.numel())])
+        return [Bounds(self._value, self.param, index, signs.to(self.param), name=base)]
 
     def _options(self) -> str:
         p = "inf" if self.p == math.inf else int(self.p)

@@ -62,6 +62,7 @@ class _Point:
     J: Jacobian | None = None
     Jtw: Tensor | None = None
     _sandwich: tuple | None = None
+    _x_inf: float | None = None
 
     def jacobian(self) -> Jacobian:
         if self.J is None:
@@ -80,6 +81,13 @@ class _Point:
         if self.Jtw is None:
             self.Jtw = self.jacobian().T @ violation_weights(self.c, p)
         return self.Jtw
+
+    @property
+    def x_inf(self) -> float:
+        """``‖x‖∞``, computed once."""
+        if self._x_inf is None:
+            self._x_inf = float(self.x.abs().max())
+        return self._x_inf
 
     @property
     def finite(self) -> bool:
@@ -210,7 +218,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             H = st["hessian"]
             saved.update(
                 x=st["x"], hessian=dict(H.state_dict(), kind="dense" if isinstance(H, DenseBFGS) else "lbfgs"),
-                samples=[[x, g, J.to_dense()] for x, g, J in st["samples"]],
+                samples=[[x, g, J.to_dense()] for x, g, J, _ in st["samples"]],
                 samples_maxlen=st["samples"].maxlen,
                 certificate=_certificate_to_dict(st["certificate"]))
             for key in ("best_feasible", "most_feasible"):
@@ -241,8 +249,9 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             work = dict(dtype=_WORK, device=self._flat.device)
             restored.update(
                 x=saved["x"].to(**work), hessian=H,
-                samples=deque(((x.to(**work), g.to(**work), Jacobian.from_dense(J.to(self._flat.device)))
-                               for x, g, J in saved["samples"]), maxlen=saved["samples_maxlen"]),
+                samples=deque(((x.to(**work), g.to(**work), Jacobian.from_dense(J.to(self._flat.device)),
+                                float(x.abs().max())) for x, g, J in saved["samples"]),
+                              maxlen=saved["samples_maxlen"]),
                 certificate=_certificate_from_dict(saved["certificate"]))
             for key in ("best_feasible", "most_feasible"):
                 if key in saved:
@@ -389,7 +398,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
             y = mu * (trial.g - point.g) + trial.jacobian().rmatmul_change(point.jacobian(), y_dual)
             H.update(trial.x - point.x, y)
             st["iteration"] += 1
-            step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
+            step, size = float((trial.x - point.x).abs().max()), max(1.0, point.x_inf)
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
             # with steps at least as long as x itself
             diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
@@ -473,7 +482,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         st = self._state
         if st["rescues"] < _RESCUES:
             st["rescues"] += 1
-            radius = self._radius * max(1.0, float(point.x.abs().max()))
+            radius = self._radius * max(1.0, point.x_inf)
             u = torch.randn(point.x.shape, generator=self._generator, dtype=_WORK).to(point.x.device)
             trial = self._evaluate(closure, point.x + radius * u / u.norm())
             if trial.finite and trial.jacobian_finite:
@@ -501,7 +510,7 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
     def _accept_bookkeeping(self, point: _Point, status: Status) -> None:
         st = self._state
         st["x"], st["point"] = point.x, point
-        st["samples"].append((point.x, point.g, point.jacobian()))
+        st["samples"].append((point.x, point.g, point.jacobian(), point.x_inf))
         if status is Status.IN_PROGRESS:
             point.sandwich(st["hessian"])      # the next direction's J H Jᵀ, in one pass with the certificate's J Jᵀ
         cert = self._certify(point)
@@ -527,8 +536,10 @@ class ConstrainedSQP(PointRecord, torch.optim.Optimizer):
         st["fit"] = meas.qp
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:
-            radius = self._radius * max(1.0, float(point.x.abs().max()))
-            near = [(g, Js) for x, g, Js in st["samples"] if float((x - point.x).abs().max()) <= radius]
+            radius = self._radius * max(1.0, point.x_inf)
+            # |‖x_j‖∞ − ‖x‖∞| <= ‖x_j − x‖∞ rules most samples out without a pass over x_j
+            near = [(g, Js) for x, g, Js, x_inf in st["samples"]
+                    if abs(x_inf - point.x_inf) <= radius and float((x - point.x).abs().max()) <= radius]
             if len(near) > 1:
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])

@@ -76,7 +76,9 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         J = torch.stack([Js.to_dense().to(dtype) for Js in jacobians]) / unit[:, None]
         lam_unit, r, solved = _sampled(g, J, kappa, lower, upper)
     lam = lam_unit / unit * g_scale
-    comp = (kappa * J0.row_amax() * lam.abs())[:p]
+    charged = (kappa * lam.abs())[:p]
+    # ‖∇c_i‖∞ (a pass over J) only where a multiplier sits on a clearly inactive row
+    comp = charged * J0.row_amax()[:p] if bool((charged > 0).any()) else charged
     return Stationarity(
         stationarity=float(r.abs().max()) if n else 0.0,
         complementarity=float(comp.max() / g_scale) if p else 0.0,

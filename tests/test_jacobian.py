@@ -91,3 +91,13 @@ def test_box_on_a_tensor_that_is_not_a_parameter_falls_back_to_autograd():
     assert J.bounds == 0
     expected = torch.cat([-torch.eye(3, 6, dtype=F64), torch.eye(3, 6, dtype=F64)])
     assert torch.equal(J.to_dense(), expected)
+
+
+def test_linf_ball_rows_are_bounds():
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ball = co.Ball(x, radius=0.5, p="inf", center=0.1)
+    values = evaluate(canonical([ball]), FlatParams([x]))
+    reference = evaluate(canonical([co.ineq(ball._value, name="ball0")]), FlatParams([x]))
+    J = values.structured_jacobian()
+    assert J.bounds == 12 and torch.equal(values.c, reference.c)
+    assert torch.equal(J.to_dense(), reference.jacobian())
