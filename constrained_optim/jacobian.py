@@ -2,20 +2,24 @@
 
 ``J ∈ Rᵐˣⁿ`` (row i = ∇c_i) has two kinds of rows:
 
-* dense rows ``D ∈ Rʳˣⁿ`` at positions ``P_D`` of ``c``, from one batched vector-Jacobian product (in the
-  parameters' dtype);
-* bound rows ``σ_i e_{k_i}ᵀ`` (``σ_i = ±1``) at positions ``P_B``, from ``co.Box`` / ``co.NonNegative``
-  (``c_i = σ_i x_{k_i} + β_i``), stored as the column ``k_i`` and the sign ``σ_i``: never formed.
+* dense rows ``D ∈ Rʳˣⁿ`` at positions ``P_D`` of ``c``, from one batched vector-Jacobian product per
+  constraint (in the parameters' dtype, kept as the row blocks autograd wrote);
+* bound rows ``σ_i e_{k_i}ᵀ`` (``σ_i = ±1``) at positions ``P_B``, from ``co.Box``, ``co.NonNegative``,
+  ``co.Ball(p="inf")`` and ``co.Simplex``'s ``x >= 0`` (``c_i = σ_i x_{k_i} + β_i``), stored as the column
+  ``k_i`` and the sign ``σ_i``: never formed.
 
 The products the SQP needs, without a dense bound row and without autograd:
 
     J V         rows P_D: D V,               rows P_B: σ_i V[k_i]           (gather)
     Jᵀ w        Dᵀ w_D + Σ_{i∈B} σ_i w_i e_{k_i}                            (scatter-add)
-    J Jᵀ        blocks D Dᵀ,  D B ᵀ = [σ_j D[:, k_j]]_j,  (B Bᵀ)_ij = σ_i σ_j [k_i = k_j]
+    J Jᵀ        blocks D Dᵀ,  D Bᵀ = [σ_j D[:, k_j]]_j,  (B Bᵀ)_ij = σ_i σ_j [k_i = k_j]
+    (J − J')ᵀ w  the dense blocks' differences only (bound rows do not move)
 
-Every result is float64. Products with a dense part of another dtype (float32 parameters) accumulate in
-float64 over column blocks of ``D`` copied into one small float64 buffer, so no float64 copy of ``D`` is
-made. ``J Jᵀ`` and the row norms are computed once per point and kept.
+``J Jᵀ`` comes with ``J Vᵀ`` (and ``L Vᵀ`` for a few extra rows L) from one pass over column slices of
+``[D; L; V]`` copied into a small float64 buffer: the L-BFGS needs ``J Jᵀ``, ``J W``, ``J ∇f`` and ``Wᵀ∇f``
+together. Every result is float64; products with a dense part of another dtype (float32 parameters)
+accumulate in float64 over such slices, so no float64 copy of ``D`` is made. ``J Jᵀ`` and the row norms are
+computed once per point and kept.
 """
 from __future__ import annotations
 
@@ -72,13 +76,14 @@ class Jacobian:
     def T(self) -> "_Transposed":
         return _Transposed(self)
 
-    def _dense(self, values: list[Tensor], like: Tensor) -> Tensor:
+    def _stacked(self, values: list[Tensor], like: Tensor) -> Tensor:
+        """The per-block results stacked (float64; empty, shaped like ``like``, without dense rows)."""
         return torch.cat(values) if values else like.new_zeros((0,) + like.shape[1:], dtype=_WORK)
 
     def __matmul__(self, V: Tensor) -> Tensor:
         """``J V`` for V (n,) or (n, k)."""
         out = V.new_empty((self.m,) + V.shape[1:], dtype=_WORK)
-        out[self.dense_rows] = self._dense([_times(B, V) for B in self.blocks], V)
+        out[self.dense_rows] = self._stacked([_times(B, V) for B in self.blocks], V)
         out[self.bound_rows] = _signed(self.signs, V[self.columns].to(_WORK))
         return out
 
@@ -135,7 +140,7 @@ class Jacobian:
         dense, bound = self.dense_rows, self.bound_rows
         G[dense[:, None], dense] = DDt
         if self.bounds:
-            DB = self.signs * self._dense([B[:, self.columns].to(_WORK) for B in self.blocks], G)   # D Bᵀ
+            DB = self.signs * self._stacked([B[:, self.columns].to(_WORK) for B in self.blocks], G)   # D Bᵀ
             G[dense[:, None], bound] = DB
             G[bound[:, None], dense] = DB.T
             same = self.columns[:, None] == self.columns[None, :]
@@ -156,7 +161,7 @@ class Jacobian:
 
     def _per_row(self, dense_values: list[Tensor]) -> Tensor:
         out = self.signs.new_ones(self.m)
-        out[self.dense_rows] = self._dense([v.to(_WORK) for v in dense_values], out)
+        out[self.dense_rows] = self._stacked([v.to(_WORK) for v in dense_values], out)
         return out
 
     @property
@@ -170,8 +175,7 @@ class Jacobian:
     def to_dense(self) -> Tensor:
         """The (m, n) matrix in the dense rows' dtype (for small problems: gradient sampling, tests)."""
         J = self.signs.new_zeros(self.m, self.n, dtype=self.dtype)
-        if self.blocks:
-            J[self.dense_rows] = torch.cat(self.blocks)
+        J[self.dense_rows] = self.dense
         J[self.bound_rows, self.columns] = self.signs.to(J.dtype)
         return J
 

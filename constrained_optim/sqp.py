@@ -635,7 +635,9 @@ def _check_state_dict(state_dict, n: int, group_sizes: list[int], memory: int | 
             raise bad("a saved gradient sample has the wrong shape")
     return saved, groups
 
+
 def _lbfgs_state_ok(H: dict, n: int, memory: int) -> bool:
+    """The saved L-BFGS state has k <= memory pairs of length n, their slots and k × k ``SᵀY``, ``YᵀY``."""
     S, Y, slots = H.get("S", []), H.get("Y", []), H.get("slots")
     k = len(S)
     return (len(Y) == k <= memory and all(isinstance(v, Tensor) and v.shape == (n,) for v in S + Y)
