@@ -50,6 +50,15 @@ class FlatParams:
         self.dtype = params[0].dtype
         self.device = params[0].device
 
+    def offset(self, param: Tensor) -> int | None:
+        """Where ``param`` (one of the parameters, by identity) starts in ``x``; None if it is not one."""
+        start = 0
+        for p, numel in zip(self.params, self.numels):
+            if p is param:
+                return start
+            start += numel
+        return None
+
     def get(self) -> Tensor:
         """x: a detached copy of the parameters as one vector."""
         return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
@@ -79,14 +88,15 @@ class FlatParams:
         return torch.cat(chunks)
 
     def flatten(self, tensors: Iterable[Tensor | None], batch_shape: tuple[int, ...] = ()) -> Tensor:
-        """Concatenate per-parameter tensors of shape ``batch_shape + p.shape`` into ``batch_shape + (n,)``."""
+        """Concatenate per-parameter tensors of shape ``batch_shape + p.shape`` into ``batch_shape + (n,)`` (a view of
+        the tensor itself when there is one parameter)."""
         out = []
         for p, t in zip(self.params, tensors):
             if t is None:
                 out.append(torch.zeros(*batch_shape, p.numel(), dtype=p.dtype, device=p.device))
             else:
                 out.append(t.reshape(*batch_shape, p.numel()))
-        return torch.cat(out, dim=-1)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)   # one parameter: no copy
 
 
 class BatchedFlatParams:

@@ -237,16 +237,16 @@ class ConstrainedOptimizer(DataParallel, PointRecord, torch.optim.Optimizer):
         with torch.enable_grad():
             values = self._constraint_values()
         loss = self._synchronize(values, loss)
-        c, J = values.c.to(_WORK), values.jacobian().to(_WORK)
+        c, J = values.c.to(_WORK), values.structured_jacobian()
         f = float(loss.detach())
         ineq, eq = linf_violation(c, values.p)
-        finite = math.isfinite(f) and bool(torch.isfinite(g).all()) and bool(torch.isfinite(J).all())
+        finite = math.isfinite(f) and bool(torch.isfinite(g).all()) and J.finite
         meas = None
         if finite:
             st.setdefault("g_ref", float(g.abs().max()) if g.numel() else 0.0)
             scale = max(float(g.abs().max()) if g.numel() else 0.0, st["g_ref"], torch.finfo(_WORK).tiny)
             self._g_scale = scale
-            meas = stationarity.measure(g[None], J[None], c, values.p, scale, self._tol_ineq, self._fit)
+            meas = stationarity.measure(g[None], [J], c, values.p, scale, self._tol_ineq, self._fit)
             self._fit = meas.qp
         solved = meas is not None and meas.solved
         lam = meas.multipliers if meas is not None else torch.full_like(c, math.nan)

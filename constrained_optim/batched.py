@@ -46,6 +46,7 @@ from ._flat import BatchedFlatParams
 from .certificate import Certificate, Status
 from .constraints import Constraint, canonical, evaluate
 from .hessian import BatchedDenseBFGS, BatchedLBFGS
+from .jacobian import Jacobian
 from .linesearch import BatchedOutcome, weak_wolfe_batched
 from .qp import QPResult
 from .sets import Set
@@ -680,7 +681,8 @@ class BatchedSQP(torch.optim.Optimizer):
         for a in candidates.tolist():
             b = int(idx[a])
             order = torch.where(near[a], S["stamp"][b], -1).argsort(descending=True)[: int(near[a].sum())]
-            sampled = stationarity.measure(S["g"][b, order], S["J"][b, order], P.c[a], st["p"], float(g_scale[a]),
+            jacobians = [Jacobian.from_dense(J) for J in S["J"][b, order]]
+            sampled = stationarity.measure(S["g"][b, order], jacobians, P.c[a], st["p"], float(g_scale[a]),
                                            self._tol_ineq)
             if sampled.solved and sampled.stationarity < float(stat[a]):
                 stat[a], comp[a], lam[a], samples[a] = (sampled.stationarity, sampled.complementarity,

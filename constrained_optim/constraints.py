@@ -7,8 +7,9 @@ point, :func:`evaluate` stacks all of them into one vector
     c = [c_I; c_E] ∈ Rᵐ,   m = p + q,
 
 keeping the autograd graph, so that the Jacobian ``J = ∂c/∂x`` (rows are constraint gradients) is
-obtained by one *batched* vector-Jacobian product ``Jᵀ E`` with ``E = I_m``, and ``Jᵀ w`` for a single
-weight vector by one ordinary backward pass.
+obtained by *batched* vector-Jacobian products ``J_kᵀ E`` with ``E = I_{r_k}``, one per constraint k of r_k rows
+(one for all rows would differentiate every constraint with all m rows of E, most of them zero), and
+``Jᵀ w`` for a single weight vector by one ordinary backward pass.
 
 Folding (``fold="l2"`` or ``"max"``) replaces a constraint tensor by one scalar:
 
@@ -17,11 +18,17 @@ Folding (``fold="l2"`` or ``"max"``) replaces a constraint tensor by one scalar:
 
 which keeps the feasible set and turns thousands of rows into one (the folded function is nonsmooth
 where it is zero).
+
+Bounds (:class:`Bounds`, what ``co.Box`` and ``co.NonNegative`` state themselves as) are inequality rows
+``c_i = σ_i x_{k_i} + β_i`` on one parameter (``σ_i = ±1``): their Jacobian rows ``σ_i e_{k_i}ᵀ`` are known, so
+:meth:`ConstraintValues.structured_jacobian` records them by column and sign instead of differentiating them
+(see :mod:`constrained_optim.jacobian`).
 """
 from __future__ import annotations
 
+import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +37,7 @@ from torch import Tensor
 from . import distributed
 from ._flat import BatchedFlatParams, FlatParams
 from .distributed import REDUCTIONS
+from .jacobian import Jacobian
 
 _KINDS = ("ineq", "eq")
 _FOLDS = (None, "l2", "max")
@@ -103,6 +111,27 @@ def _fold(c: Tensor, kind: str, fold: str | None) -> Tensor:
     return scale * torch.linalg.vector_norm(r / scale, dim=-1, keepdim=True)
 
 
+class Bounds(Constraint):
+    """Bound rows on one parameter: ``c_i = σ_i param.flatten()[k_i] + β_i <= 0`` (``σ_i = ±1``), computed by ``fn``.
+
+    Args:
+        fn: returns the rows (as for any constraint).
+        param: the bounded tensor.
+        index: (b,) flat positions ``k_i`` in ``param`` of the rows, in the order ``fn`` returns them.
+        signs: (b,) ``σ_i``.
+        name: constraint name.
+    """
+
+    def __init__(self, fn: Callable[[], Tensor], param: Tensor, index: Tensor, signs: Tensor, name: str | None = None):
+        super().__init__(fn, "ineq", name)
+        self.param, self.index, self.signs = param, index, signs
+
+    def columns(self, flat: FlatParams) -> Tensor | None:
+        """The columns ``k_i`` in the flat ``x``; None when ``param`` is not one of the optimized tensors."""
+        start = flat.offset(self.param)
+        return None if start is None else self.index.to(flat.device) + start
+
+
 def ineq(fn: Callable[[], Tensor], name: str | None = None, fold: str | None = None,
          reduce: str = "mean") -> Constraint:
     """Inequality constraint ``fn() <= 0`` elementwise."""
@@ -140,7 +169,8 @@ def canonical(constraints: Sequence | None) -> list[Constraint]:
     named = []
     for c in constraints:
         if c.name is None:
-            c = Constraint(c.fn, c.kind, f"{c.kind}{counts[c.kind]}", c.fold, c.reduce)
+            c = copy.copy(c)
+            c.name = f"{c.kind}{counts[c.kind]}"
         counts[c.kind] += 1
         named.append(c)
     names = [c.name for c in named]
@@ -160,6 +190,9 @@ class ConstraintValues:
         p: number of inequality rows (the first ``p`` entries of ``c``).
         slices: constraint name -> slice of ``c`` holding its rows.
         reductions: ``(slice, "mean" | "sum" | "max")`` of each constraint (data-parallel runs).
+        bounds: ``(slice of c, columns k_i in x, signs σ_i)`` of every :class:`Bounds` constraint on an optimized
+            parameter.
+        _blocks: the values (with their graph) of the other constraints, in order: the dense rows.
     """
 
     c: Tensor
@@ -168,6 +201,8 @@ class ConstraintValues:
     reductions: list[tuple[slice, str]]
     _graph: Tensor | None
     _flat: FlatParams | BatchedFlatParams
+    bounds: list[tuple[slice, Tensor, Tensor]] = field(default_factory=list)
+    _blocks: list[Tensor] = field(default_factory=list)
     _reducer: distributed.Reducer | None = None
     _scale: Tensor | None = None      # this rank's row weights s_r (distributed.py)
 
@@ -214,35 +249,82 @@ class ConstraintValues:
             torch.autograd.backward(outputs, grads)
 
     def jacobian(self) -> Tensor:
-        """``J`` (m, n): all rows by one batched vector-Jacobian product (vmap over ``I_m``; over
-        ``diag(s_r)`` and then one all-reduce in a data-parallel run).
+        """``J`` (m, n) as a dense tensor (see :meth:`structured_jacobian`).
 
         For B independent problems (``c`` of shape (B, m), row b a function of x_b only) the same m
         products, with ``e_j`` repeated over the batch, give all B Jacobians (B, m, n) at once:
-        ``∂(Σ_b c_{b,j}) / ∂x_b = ∂c_{b,j} / ∂x_b``.
+        ``∂(Σ_b c_{b,j}) / ∂x_b = ∂c_{b,j} / ∂x_b``. Falls back to one backward per row, with a warning, when
+        the user's functions contain an operation that vmap cannot batch.
+        """
+        if self.c.dim() == 1:
+            return self.structured_jacobian().to_dense()
+        m, flat = self.m, self._flat
+        if m == 0:
+            return torch.zeros(*self.c.shape, flat.n, dtype=flat.dtype, device=flat.device)
+        eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)[:, None, :].expand(m, *self.c.shape)
+        try:
+            grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+        except (RuntimeError, NotImplementedError) as err:
+            _warn_rowwise(err)
+            return torch.stack([self.vjp(e) for e in eye]).movedim(0, -2)
+        return flat.flatten(grads, batch_shape=(m,)).movedim(0, -2)
+
+    def structured_jacobian(self) -> Jacobian:
+        """``J`` as a :class:`~constrained_optim.jacobian.Jacobian`: the bound rows by column and sign, the rows of
+        every other constraint by one batched vector-Jacobian product of that constraint alone (vmap over
+        ``I_r``, r its number of rows; a plain backward for r = 1), so that no constraint pays for the rows of
+        the others. In a data-parallel run the dense rows are weighted by ``s_r`` and summed over the ranks
+        (one all-reduce); bound rows depend on the parameters only and are the same on every rank.
 
         Falls back to one backward per row, with a warning, when the user's functions contain an
         operation that vmap cannot batch.
         """
-        m, flat = self.m, self._flat
-        if m == 0:
-            return torch.zeros(*self.c.shape, flat.n, dtype=flat.dtype, device=flat.device)
-        eye = torch.eye(m, dtype=self._graph.dtype, device=self._graph.device)
-        if self._reducer is not None:
-            eye = eye * self._scale.to(eye.dtype)
-        if self.c.dim() == 2:
-            eye = eye[:, None, :].expand(m, *self.c.shape)
+        device = self.c.device
+        bound_rows = [torch.arange(rows.start, rows.stop, device=device) for rows, _, _ in self.bounds]
+        dense_rows, start = [], 0
+        for rows, _, _ in self.bounds + [(slice(self.m, self.m), None, None)]:
+            dense_rows.append(torch.arange(start, rows.start, device=device))
+            start = rows.stop
+        dense_rows = torch.cat(dense_rows)
+        bound_rows = torch.cat(bound_rows) if bound_rows else dense_rows[:0]
+        columns = torch.cat([cols for _, cols, _ in self.bounds]) if self.bounds else dense_rows[:0]
+        signs = torch.cat([sg for _, _, sg in self.bounds]) if self.bounds else self.c[:0]
+        flat = self._flat
+        blocks = [torch.zeros(0, flat.n, dtype=flat.dtype, device=flat.device)]
+        dense = [self._block_rows(value) for value in self._blocks]
+        if self._reducer is not None and dense:
+            dense = self._reduce(dense, dense_rows)
+        return Jacobian(blocks + dense, dense_rows, bound_rows, columns, signs)
+
+    def _reduce(self, blocks: list[Tensor], rows: Tensor) -> list[Tensor]:
+        """Σ_r s_r D_r over the ranks for the dense row blocks D (one all-reduce)."""
+        D = torch.cat(blocks) * self._scale[rows, None].to(blocks[0].dtype)
+        return list(self._reducer.sum(D).split([B.shape[0] for B in blocks]))
+
+    def _block_rows(self, value: Tensor) -> Tensor:
+        """The Jacobian rows (r, n) of one constraint's values."""
+        flat, r = self._flat, value.numel()
+        if not value.requires_grad:
+            return torch.zeros(r, flat.n, dtype=flat.dtype, device=flat.device)
+        if r == 1:
+            grads = torch.autograd.grad(value, flat.params, torch.ones_like(value), retain_graph=True, allow_unused=True)
+            return flat.flatten(grads, batch_shape=(1,))
+        eye = torch.eye(r, dtype=value.dtype, device=value.device)
         try:
-            grads = torch.autograd.grad(self._graph, flat.params, grad_outputs=eye, retain_graph=True,
+            grads = torch.autograd.grad(value, flat.params, grad_outputs=eye, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
-            J = flat.flatten(grads, batch_shape=(m,)).movedim(0, -2)
         except (RuntimeError, NotImplementedError) as err:
-            warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a "
-                          "time, which is slower", RuntimeWarning, stacklevel=3)
-            rows = [torch.autograd.grad(self._graph, flat.params, grad_outputs=e, retain_graph=True,
-                                        allow_unused=True) for e in eye]
-            J = torch.stack([flat.flatten(r) for r in rows]).movedim(0, -2)
-        return J if self._reducer is None else self._reducer.sum(J)
+            _warn_rowwise(err)
+            return torch.stack([flat.flatten(torch.autograd.grad(value, flat.params, grad_outputs=e,
+                                                                 retain_graph=True, allow_unused=True))
+                                for e in eye])
+        return flat.flatten(grads, batch_shape=(r,))
+
+
+def _warn_rowwise(err: Exception) -> None:
+    warnings.warn(f"batched Jacobian failed ({str(err).splitlines()[0]}); computing it one row at a time, which is "
+                  "slower", RuntimeWarning, stacklevel=5)
 
 
 def evaluate(constraints: Sequence[Constraint], flat: FlatParams | BatchedFlatParams, check_dependence: bool = False,
@@ -253,6 +335,7 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams | BatchedFlatPa
     With ``check_dependence`` each constraint is checked once to depend on the parameters.
     """
     rows, slices, reductions, start, p = [], {}, [], 0, 0
+    bounds, dense = [], []
     with torch.enable_grad():
         for con in constraints:
             value = con.values(batch)
@@ -266,13 +349,19 @@ def evaluate(constraints: Sequence[Constraint], flat: FlatParams | BatchedFlatPa
             rows.append(value)
             slices[con.name] = slice(start, start + value.shape[-1])
             reductions.append((slices[con.name], con.reduce))
+            columns = con.columns(flat) if isinstance(con, Bounds) and batch is None else None
+            if columns is not None:
+                bounds.append((slices[con.name], columns, con.signs.to(device=flat.device, dtype=flat.dtype)))
+            else:
+                dense.append(value)
             start += value.shape[-1]
             if con.kind == "ineq":
                 p = start
         graph = torch.cat(rows, dim=-1) if rows else None
     empty = (0,) if batch is None else (batch, 0)
     c = graph.detach() if graph is not None else torch.zeros(empty, dtype=flat.dtype, device=flat.device)
-    return ConstraintValues(c=c, p=p, slices=slices, reductions=reductions, _graph=graph, _flat=flat)
+    return ConstraintValues(c=c, p=p, slices=slices, reductions=reductions, _graph=graph, _flat=flat, bounds=bounds,
+                            _blocks=dense)
 
 
 def _check_dependence(con: Constraint, value: Tensor, flat: FlatParams) -> None:

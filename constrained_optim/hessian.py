@@ -1,7 +1,10 @@
 """Damped BFGS approximations ``H ≈ ∇²φ⁻¹`` of the inverse Hessian, applied as operators.
 
-Both classes expose ``apply(V) = H V`` for a vector (n,) or a matrix (n, r) of columns, ``update(s, y)``
-and ``reset()``.
+Both classes expose ``apply(V) = H V`` for a vector (n,) or a matrix (n, r) of columns,
+``sandwich(J, g)`` (:class:`Sandwich`: ``J H Jᵀ`` and ``J H g`` for a constraint
+:class:`~constrained_optim.jacobian.Jacobian`, the m×m matrix and the m-vector of the penalty QP, and the step
+``−H (μ g + Jᵀy)``), ``update(s, y)`` and ``reset()``; ``version`` changes whenever
+``H`` does.
 
 Inverse BFGS update with ``ρ = 1 / sᵀy``:
 
@@ -13,8 +16,18 @@ so that ``H`` stays positive definite on nonconvex or nonsmooth functions. A pai
 still not positive and finite is skipped.
 
 :class:`DenseBFGS` stores the n×n matrix (initially ``I``, rescaled by ``sᵀy / yᵀy`` before the first
-update). :class:`LBFGS` stores the last ``k`` pairs and applies ``H`` with the two-loop recursion to
-all columns of ``V`` at once; its initial matrix is ``γ I`` with ``γ = sᵀy / yᵀy`` of the newest pair.
+update). :class:`LBFGS` stores the last ``k`` pairs; its initial matrix is ``γ I`` with ``γ = sᵀy / yᵀy`` of the
+newest pair. It runs the two-loop recursion on the coefficients of ``H V`` in the basis of the pairs, all
+columns of ``V`` at once (the compact form of Byrd, Nocedal & Schnabel 1994, with triangular solves in
+place of ``R⁻¹``): with ``S``, ``Y`` the pairs oldest first, ``R`` the upper triangle of ``SᵀY`` and ``Δ`` its
+diagonal,
+
+    a = R⁻¹ SᵀV                      (first loop:  a_i = ρ_i s_iᵀ q)
+    c = R⁻ᵀ (Δ a − γ (YᵀV − YᵀY a))  (second loop: c_i = a_i − b_i)
+    H V = γ V + S c − γ Y a.
+
+It needs ``V`` only through ``WᵀV`` (W = [S Y], n × 2k), so ``J H Jᵀ = γ J Jᵀ + (J W) [c; −γ a]`` with
+``WᵀJᵀ = (J W)ᵀ``: one m×2k product with ``J`` and the Gram matrix ``J Jᵀ``, never an n×m or n×n matrix.
 
 :class:`BatchedDenseBFGS` and :class:`BatchedLBFGS` hold one such approximation for each of B independent
 problems (a (B, n, n) tensor; (B, k, n) pairs) and apply the same rules to every problem at once: the
@@ -23,16 +36,29 @@ act on the problems listed in ``idx`` only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 
-def _damp(s: Tensor, y: Tensor, Hy: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """Powell-damped ``s`` and its curvature ``sᵀy``."""
-    sy, yHy = s.dot(y), y.dot(Hy)
+@dataclass
+class Sandwich:
+    """The penalty QP's data at one point: ``M = J H Jᵀ``, ``JHg = J H ∇f``, and ``direction(μ, y) =
+    −H (μ ∇f + Jᵀy)``, the primal step of a dual solution y (from quantities the sandwich already has)."""
+
+    M: Tensor
+    JHg: Tensor
+    direction: Callable[[float, Tensor], Tensor]
+
+
+def _damp(s: Tensor, y: Tensor, yHy: Tensor, Hy: Callable[[], Tensor], theta: float) -> tuple[Tensor, Tensor]:
+    """Powell-damped ``s`` and its curvature ``sᵀy`` (``Hy()`` is only formed when damping is needed)."""
+    sy = s.dot(y)
     if sy < theta * yHy:
         tau = (1 - theta) * yHy / (yHy - sy)
-        s = tau * s + (1 - tau) * Hy
+        s = tau * s + (1 - tau) * Hy()
         sy = s.dot(y)
     return s, sy
 
@@ -47,14 +73,26 @@ class DenseBFGS:
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, damping: float = 1e-4):
         self.n, self.dtype, self.device, self.damping = n, dtype, device, damping
+        self.version = 0
         self.reset()
 
     def reset(self) -> None:
         self.H = torch.eye(self.n, dtype=self.dtype, device=self.device)
         self.updates = 0
+        self.version += 1
 
     def apply(self, V: Tensor) -> Tensor:
         return self.H @ V
+
+    def sandwich(self, J, g: Tensor) -> Sandwich:
+        """``[H g, H Jᵀ]`` by one product (the bound rows' columns of ``H Jᵀ`` are columns of H), then
+        ``J H Jᵀ``, ``J H g`` and ``−H (μ g + Jᵀy) = −(μ H g + H Jᵀ y)``."""
+        HV = self.H @ torch.cat([g[:, None], J.dense.T.to(self.dtype)], dim=1)
+        Hg = HV[:, 0]
+        HJt = HV.new_empty(self.n, J.m)
+        HJt[:, J.dense_rows] = HV[:, 1:]
+        HJt[:, J.bound_rows] = self.H[:, J.columns] * J.signs
+        return Sandwich(J @ HJt, J @ Hg, lambda mu, y: -(mu * Hg + HJt @ y))
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Apply one damped BFGS update; returns False when the pair was skipped."""
@@ -63,7 +101,7 @@ class DenseBFGS:
             if sy0 > 0 and yy > 0 and torch.isfinite(sy0 / yy):
                 self.H = (sy0 / yy) * self.H
         Hy = self.H @ y
-        s, sy = _damp(s, y, Hy, self.damping)
+        s, sy = _damp(s, y, y.dot(Hy), lambda: Hy, self.damping)
         if not _acceptable(sy, s, y):
             return False
         rho = 1.0 / sy
@@ -71,6 +109,7 @@ class DenseBFGS:
         self.H = self.H - rho * (Hy_s + Hy_s.T) + (rho * rho * y.dot(Hy) + rho) * torch.outer(s, s)
         self.H = 0.5 * (self.H + self.H.T)
         self.updates += 1
+        self.version += 1
         return True
 
     def state_dict(self) -> dict:
@@ -79,58 +118,144 @@ class DenseBFGS:
     def load_state_dict(self, state: dict) -> None:
         self.H = state["H"].to(dtype=self.dtype, device=self.device).clone()
         self.updates = int(state["updates"])
+        self.version += 1
 
 
 class LBFGS:
-    """Limited-memory inverse BFGS: the last ``memory`` pairs, O(memory·n) storage, never an n×n matrix."""
+    """Limited-memory inverse BFGS: the last ``memory`` pairs, O(memory·n) storage, never an n×n matrix.
+
+    The pairs live in one (2·memory, n) buffer, ``s`` of slot j in row 2j and its ``y`` in row 2j + 1 (so that
+    ``W`` is one contiguous block), overwritten oldest first; ``order`` lists the slots oldest first, and
+    ``SᵀY``, ``YᵀY`` (slot-indexed) are updated with each pair.
+    """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, memory: int, damping: float = 1e-4):
         self.n, self.dtype, self.device, self.memory, self.damping = n, dtype, device, memory, damping
+        self.version = 0
         self.reset()
 
     def reset(self) -> None:
-        self.S: list[Tensor] = []
-        self.Y: list[Tensor] = []
+        self.version += 1
+        self._W = None
+        self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
+        self._YY = torch.zeros_like(self._SY)
+        self.order: list[int] = []
+        self._slots = torch.zeros(0, dtype=torch.long, device=self.device)    # ``order`` as a tensor
         self.updates = 0
 
-    def _gamma(self) -> Tensor | float:
-        if not self.S:
-            return 1.0
-        return self.S[-1].dot(self.Y[-1]) / self.Y[-1].dot(self.Y[-1])
+    @property
+    def S(self) -> list[Tensor]:
+        """The steps, oldest first."""
+        return [self._W[2 * i] for i in self.order]
+
+    @property
+    def Y(self) -> list[Tensor]:
+        """The gradient differences, oldest first."""
+        return [self._W[2 * i + 1] for i in self.order]
+
+    @property
+    def W(self) -> Tensor:
+        """(2k, n): the stored pairs, interleaved by slot."""
+        return self._W[:2 * len(self.order)]
+
+    def _coefficients(self, WtV: Tensor) -> tuple[Tensor, Tensor]:
+        """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved) given ``WᵀV`` (2k, r)."""
+        slots = self._slots
+        SY = self._SY[slots[:, None], slots]
+        YY = self._YY[slots[:, None], slots]
+        newest = self.order[-1]
+        gamma = self._SY[newest, newest] / self._YY[newest, newest]
+        R = SY.triu()
+        a = torch.linalg.solve_triangular(R, WtV[0::2][slots], upper=True)
+        z = torch.diag(SY)[:, None] * a - gamma * (WtV[1::2][slots] - YY @ a)
+        c = torch.linalg.solve_triangular(R.mT, z, upper=False)
+        X = torch.empty_like(WtV)
+        X[2 * slots] = c
+        X[2 * slots + 1] = -gamma * a
+        return gamma, X
 
     def apply(self, V: Tensor) -> Tensor:
-        """``H V`` by the two-loop recursion, all columns of ``V`` at once."""
-        Q = V.clone()
-        alphas = []
-        for s, y in zip(reversed(self.S), reversed(self.Y)):
-            a = (s @ Q) / s.dot(y)
-            Q = Q - (torch.outer(y, a) if Q.dim() == 2 else y * a)
-            alphas.append(a)
-        R = self._gamma() * Q
-        for (s, y), a in zip(zip(self.S, self.Y), reversed(alphas)):
-            b = (y @ R) / s.dot(y)
-            R = R + (torch.outer(s, a - b) if R.dim() == 2 else s * (a - b))
-        return R
+        """``H V = γ V + S c − γ Y a``, all columns of ``V`` at once."""
+        if not self.order:
+            return V.clone()
+        W = self.W
+        gamma, X = self._coefficients((W @ V).reshape(len(W), -1))
+        return gamma * V + (W.T @ X).reshape(V.shape)
+
+    def sandwich(self, J, g: Tensor) -> Sandwich:
+        """``J H Jᵀ = γ J Jᵀ + (J W) X_J`` and ``J H g = γ J g + (J W) X_g``, X the coefficients of ``H [Jᵀ g]``;
+        the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last)."""
+        if not self.order:
+            G, Jg, _ = J.gram_and_times([g[None]])
+            return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
+        W = self.W
+        G, JV, gV = J.gram_and_times([W, g[None]], left=g[None])     # one pass: J Jᵀ, J W, J g, Wᵀg
+        JW, Jg, Wg = JV[:, :-1], JV[:, -1], gV[0, :-1]
+        gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
+        JWX = JW @ X
+
+        def direction(mu: float, y: Tensor) -> Tensor:
+            _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
+            return -(gamma * (mu * g + J.T @ y) + W.T @ Xd[:, 0])
+        return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction)
 
     def update(self, s: Tensor, y: Tensor) -> bool:
-        s, sy = _damp(s, y, self.apply(y), self.damping)
+        """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it)."""
+        if self.order:
+            Wy = self.W @ y
+            gamma, X = self._coefficients(Wy[:, None])
+            yHy = gamma * y.dot(y) + Wy.dot(X[:, 0])
+            s, sy = _damp(s, y, yHy, lambda: gamma * y + self.W.T @ X[:, 0], self.damping)
+        else:
+            Wy = None
+            s, sy = _damp(s, y, y.dot(y), lambda: y, self.damping)
         if not _acceptable(sy, s, y):
             return False
-        self.S.append(s.clone())
-        self.Y.append(y.clone())
-        if len(self.S) > self.memory:
-            self.S.pop(0)
-            self.Y.pop(0)
+        self._append(s, y, sy, Wy)
         self.updates += 1
+        self.version += 1
         return True
 
+    def _append(self, s: Tensor, y: Tensor, sy: Tensor, Wy: Tensor | None) -> None:
+        """Store the pair in the oldest slot (or a free one) and update ``SᵀY``, ``YᵀY``; ``Wy``: ``Wᵀy`` before
+        the pair was stored (None: no pairs yet)."""
+        if self._W is None:
+            self._W = torch.empty(2 * self.memory, self.n, dtype=self.dtype, device=self.device)
+        slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
+        self._W[2 * slot], self._W[2 * slot + 1] = s, y
+        self.order.append(slot)
+        self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
+        k = len(self.order)
+        W = self._W[:2 * k]
+        Ys = W[1::2] @ s                             # [yᵢᵀs]ᵢ
+        # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
+        Wy = torch.cat([Wy, s.new_zeros(2 * k - len(Wy))]) if Wy is not None else s.new_zeros(2)
+        Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
+        self._SY[slot, :k] = Ys
+        self._SY[:k, slot] = Wy[0::2]
+        self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
+
     def state_dict(self) -> dict:
-        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates}
+        """The pairs oldest first, their buffer slots and ``SᵀY``, ``YᵀY`` (oldest first), so that a loaded
+        operator computes exactly what this one does."""
+        slots = self._slots
+        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates,
+                "slots": slots, "SY": self._SY[slots[:, None], slots].clone(),
+                "YY": self._YY[slots[:, None], slots].clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.S = [s.to(dtype=self.dtype, device=self.device).clone() for s in state["S"]]
-        self.Y = [y.to(dtype=self.dtype, device=self.device).clone() for y in state["Y"]]
+        self.reset()
+        work = dict(dtype=self.dtype, device=self.device)
+        if state["S"]:
+            self._W = torch.empty(2 * self.memory, self.n, **work)
+        for slot, s, y in zip(state["slots"].tolist(), state["S"], state["Y"]):
+            self._W[2 * slot], self._W[2 * slot + 1] = s.to(**work), y.to(**work)
+            self.order.append(slot)
+        slots = self._slots = state["slots"].to(self.device)
+        self._SY[slots[:, None], slots] = state["SY"].to(**work)
+        self._YY[slots[:, None], slots] = state["YY"].to(**work)
         self.updates = int(state["updates"])
+        self.version += 1
 
 
 def _damp_batched(s: Tensor, y: Tensor, Hy: Tensor, theta: float) -> tuple[Tensor, Tensor, Tensor]:

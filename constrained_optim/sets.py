@@ -34,7 +34,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .constraints import Constraint, eq, ineq
+from .constraints import Bounds, Constraint, eq, ineq
 
 __all__ = ["Set", "Box", "NonNegative", "Ball", "Simplex", "Sphere", "Stiefel"]
 
@@ -175,7 +175,8 @@ class Box(Set):
         name: base constraint name.
 
     ``as_constraint``: one inequality whose rows are ``l − x`` (finite ``l`` entries) followed by ``x − u``
-    (finite ``u`` entries), flattened.
+    (finite ``u`` entries), flattened: a :class:`~constrained_optim.constraints.Bounds` (row gradients ∓e_k, which
+    ConstrainedSQP never forms).
     """
 
     def __init__(self, param: Tensor, lower: float | Tensor | None = None, upper: float | Tensor | None = None,
@@ -208,20 +209,30 @@ class Box(Set):
         return torch.cat([below, above])
 
     def _constraints(self, base: str) -> list[Constraint]:
-        return [ineq(self._rows, name=base)]
+        index = torch.cat([self._lower_rows, self._upper_rows])
+        signs = torch.cat([-torch.ones_like(self._lower_rows), torch.ones_like(self._upper_rows)])
+        return [Bounds(self._rows, self.param, index, signs.to(self.param.dtype), name=base)]
 
     def _options(self) -> str:
         return f"lower={_summary(self.lower)}, upper={_summary(self.upper)}"
 
 
 class NonNegative(Set):
-    """``x >= 0`` elementwise; ``P(x) = max(x, 0)``. ``as_constraint``: one inequality ``−x <= 0``."""
+    """``x >= 0`` elementwise; ``P(x) = max(x, 0)``. ``as_constraint``: one inequality ``−x <= 0`` (a
+    :class:`~constrained_optim.constraints.Bounds`)."""
 
     def _project(self, x: Tensor) -> Tensor:
         return x.clamp(min=0)
 
     def _constraints(self, base: str) -> list[Constraint]:
-        return [ineq(lambda: -self.param, name=base)]
+        return [_nonnegative(self.param, base)]
+
+
+def _nonnegative(param: Tensor, name: str) -> Bounds:
+    """``−x <= 0`` as bound rows (σ = −1 on every entry)."""
+    index = torch.arange(param.numel(), device=param.device)
+    signs = -torch.ones(param.numel(), dtype=param.dtype, device=param.device)
+    return Bounds(lambda: -param, param, index, signs, name=name)
 
 
 def _parse_p(p: object) -> float:
@@ -249,7 +260,8 @@ class Ball(Set):
         name: base constraint name.
 
     ``as_constraint``: one inequality: ``(‖d‖₂² − r²) / (2r)`` (p = 2, smooth, equal to ``‖d‖₂ − r`` to
-    first order at the boundary), ``‖d‖₁ − r`` (p = 1), or the rows ``d − r`` then ``−d − r`` (p = ∞).
+    first order at the boundary), ``‖d‖₁ − r`` (p = 1), or the rows ``d − r`` then ``−d − r`` (p = ∞, a
+    :class:`~constrained_optim.constraints.Bounds`).
     """
 
     def __init__(self, param: Tensor, radius: float = 1.0, p: float | str = 2,
@@ -283,7 +295,11 @@ class Ball(Set):
         return torch.cat([(d - r).reshape(-1), (-d - r).reshape(-1)])
 
     def _constraints(self, base: str) -> list[Constraint]:
-        return [ineq(self._value, name=base)]
+        if self.p != math.inf:
+            return [ineq(self._value, name=base)]
+        index = torch.arange(self.param.numel(), device=self.param.device).repeat(2)
+        signs = torch.cat([torch.ones(self.param.numel()), -torch.ones(self.param.numel())])
+        return [Bounds(self._value, self.param, index, signs.to(self.param), name=base)]
 
     def _options(self) -> str:
         p = "inf" if self.p == math.inf else int(self.p)
@@ -332,7 +348,7 @@ class Simplex(Set):
         return (x.sum() if self.dim is None else x.sum(self.dim)) - self.radius
 
     def _constraints(self, base: str) -> list[Constraint]:
-        return [ineq(lambda: -self.param, name=f"{base}.nonneg"), eq(self._sum, name=f"{base}.sum")]
+        return [_nonnegative(self.param, f"{base}.nonneg"), eq(self._sum, name=f"{base}.sum")]
 
     def _options(self) -> str:
         return f"radius={self.radius}, dim={self.dim!r}"

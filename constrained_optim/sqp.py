@@ -10,13 +10,16 @@ One ``step(closure)`` is one outer iteration of (Curtis, Mitchell & Overton 2017
             y = μ(∇f₊ − ∇f) + (J₊ − J)ᵀŷ                           (hessian.py)
     certificate at x₊                                              (stationarity.py)
 
-Internally every vector is float64 (``x``, gradients, Jacobians, H), whatever the parameters' dtype;
-parameters keep their own dtype and device.
+Internally every vector is float64 (``x``, gradients, H, the m-sized QPs), whatever the parameters' dtype;
+parameters keep their own dtype and device. The constraint Jacobian stays in the parameters' dtype and is
+used as an operator (:class:`~constrained_optim.jacobian.Jacobian`: products accumulate in float64, bound rows
+of boxes are never formed).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -30,7 +33,8 @@ from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .distributed import DataParallel, check_option
-from .hessian import LBFGS, DenseBFGS
+from .hessian import LBFGS, DenseBFGS, Sandwich
+from .jacobian import Jacobian
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .qp import QPResult
 from .steering import Steering, violation, violation_weights
@@ -42,6 +46,8 @@ _RESCUES = 3                 # random perturbations off a kink allowed per run
 _DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables, L-BFGS beyond
 _AUTO_MEMORY = 20
 _SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
+_SAMPLE_BUDGET = 1 << 24     # numbers held by the gradient samples, samples × (m + 2) n (128 MiB in float64)
+_MANY_ROWS = 1000            # more scalar constraint rows than this: warn (m×m dual QP, m×n Jacobian)
 
 
 @dataclass
@@ -54,12 +60,35 @@ class _Point:
     c: Tensor
     values: ConstraintValues
     loss: Tensor
-    J: Tensor | None = None
+    J: Jacobian | None = None
+    Jtw: Tensor | None = None
+    _sandwich: tuple | None = None
+    _x_inf: float | None = None
 
-    def jacobian(self) -> Tensor:
+    def jacobian(self) -> Jacobian:
         if self.J is None:
-            self.J = self.values.jacobian().to(_WORK)
+            self.J = self.values.structured_jacobian()
         return self.J
+
+    def sandwich(self, H) -> Sandwich:
+        """``J H Jᵀ``, ``J H ∇f`` (and the step of a dual solution) of the penalty QP, computed once per point and
+        ``H.version``."""
+        if self._sandwich is None or self._sandwich[0] is not H or self._sandwich[1] != H.version:
+            self._sandwich = (H, H.version, H.sandwich(self.jacobian(), self.g))
+        return self._sandwich[2]
+
+    def violation_gradient(self, p: int) -> Tensor:
+        """``Jᵀw ∈ ∂v`` (w: the violation weights), computed once."""
+        if self.Jtw is None:
+            self.Jtw = self.jacobian().T @ violation_weights(self.c, p)
+        return self.Jtw
+
+    @property
+    def x_inf(self) -> float:
+        """``‖x‖∞``, computed once."""
+        if self._x_inf is None:
+            self._x_inf = float(self.x.abs().max())
+        return self._x_inf
 
     @property
     def finite(self) -> bool:
@@ -67,7 +96,7 @@ class _Point:
 
     @property
     def jacobian_finite(self) -> bool:
-        return bool(torch.isfinite(self.jacobian()).all())
+        return self.jacobian().finite
 
 
 class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
@@ -93,7 +122,9 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         c1, c2: sufficient-decrease and curvature constants of the weak Wolfe search (1e-4, 0.5).
         max_ls_evals: closure calls allowed per line search (50).
         ngrad: gradients kept for the nonsmooth (gradient-sampling) stationarity test.
-            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables.
+            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables and the
+            samples (x, ∇f and J at each) hold at most 2²⁴ numbers, ``samples · (m + 2) · n <= 2²⁴`` (128 MiB
+            in float64): at n = 10⁶ only the current point is sampled, whatever m.
         sample_radius: only iterates within ``sample_radius · max(1, ‖x‖∞)`` of x are sampled. A
             sampled certificate says that x is within that distance of a point where the gradients
             nearly cancel (Clarke ε-stationarity), so the default is small: ``max(1e-8, 10 eps)``.
@@ -176,7 +207,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             H = st["hessian"]
             saved.update(
                 x=st["x"], hessian=dict(H.state_dict(), kind="dense" if isinstance(H, DenseBFGS) else "lbfgs"),
-                samples=[list(sample) for sample in st["samples"]],
+                samples=[[x, g, J.to_dense()] for x, g, J, _ in st["samples"]],
                 samples_maxlen=st["samples"].maxlen,
                 certificate=_certificate_to_dict(st["certificate"]))
             for key in ("best_feasible", "most_feasible"):
@@ -207,7 +238,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             work = dict(dtype=_WORK, device=self._flat.device)
             restored.update(
                 x=saved["x"].to(**work), hessian=H,
-                samples=deque((tuple(t.to(**work) for t in sample) for sample in saved["samples"]),
+                samples=deque(((x.to(**work), g.to(**work), Jacobian.from_dense(J.to(self._flat.device)),
+                                float(x.abs().max())) for x, g, J in saved["samples"]),
                               maxlen=saved["samples_maxlen"]),
                 certificate=_certificate_from_dict(saved["certificate"]))
             for key in ("best_feasible", "most_feasible"):
@@ -262,8 +294,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
-        w = violation_weights(point.c, self._state["p"])
-        return mu * point.g + point.jacobian().T @ w
+        return mu * point.g + point.violation_gradient(self._state["p"])
 
     def _phi(self, point: _Point, mu: float) -> float:
         return mu * point.f + float(violation(point.c, self._state["p"]))
@@ -307,6 +338,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         if not point.jacobian_finite:
             raise ValueError("a constraint gradient is not finite at the starting point")
         if "x" not in st:
+            _warn_if_many_rows(point.values)
             st["mu"] = float(self.defaults["mu0"])
             st["iteration"] = 0
             n = self._flat.n
@@ -320,14 +352,15 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         self._accept_bookkeeping(point, Status.IN_PROGRESS)
 
     def _sample_count(self, m: int) -> int:
-        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m)))
+        n = self._flat.n
+        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m), _SAMPLE_BUDGET // ((m + 2) * n)))
 
     def _iterate(self, closure: Callable[[], Tensor]) -> None:
         st = self._state
         point, H, p = st["point"], st["hessian"], st["p"]
         mu_reductions = 0
         while True:
-            direction = self._steering.direction(point.g, point.c, point.jacobian(), p, H, st["mu"])
+            direction = self._steering.direction(point.c, p, point.sandwich(H), st["mu"])
             if not direction.qp_ok and H.updates > 0:
                 H.reset()
                 continue
@@ -354,9 +387,10 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
-            H.update(trial.x - point.x, mu * (trial.g - point.g) + (trial.jacobian() - point.jacobian()).T @ y_dual)
+            y = mu * (trial.g - point.g) + trial.jacobian().rmatmul_change(point.jacobian(), y_dual)
+            H.update(trial.x - point.x, y)
             st["iteration"] += 1
-            step, size = float((trial.x - point.x).abs().max()), max(1.0, float(point.x.abs().max()))
+            step, size = float((trial.x - point.x).abs().max()), max(1.0, point.x_inf)
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
             # with steps at least as long as x itself
             diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
@@ -390,6 +424,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                 if corrected is None:
                     break
                 if self._phi(corrected, mu) <= phi0 + c1 * g0:
+                    if not corrected.jacobian_finite:      # J only where the point is accepted
+                        break
                     return LineSearchResult(Outcome.DECREASE_ONLY, 1.0, corrected, k + 2)
 
         def evaluate(t: float):
@@ -408,17 +444,16 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         rows = torch.cat([trial.c[:p] > 0, torch.ones_like(trial.c[p:], dtype=torch.bool)])
         if not bool(rows.any()):
             return None
-        Ja, r = J[rows], (trial.c - target)[rows]
-        gram = Ja @ Ja.T
-        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=J.device)
+        r = (trial.c - target)[rows]
+        gram = J.gram()[rows][:, rows]                      # J_a J_aᵀ
+        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=d.device)
         L, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             return None
-        correction = -Ja.T @ torch.cholesky_solve(r[:, None], L)[:, 0]
-        corrected = self._evaluate(closure, trial.x + correction)
-        if not corrected.finite or not corrected.jacobian_finite:
-            return None
-        return corrected
+        w = torch.zeros_like(trial.c)
+        w[rows] = torch.cholesky_solve(r[:, None], L)[:, 0]
+        corrected = self._evaluate(closure, trial.x - J.T @ w)
+        return corrected if corrected.finite else None
 
     def _trial_evaluator(self, closure, x: Tensor, d: Tensor, mu: float):
         def evaluate_at(t: float):
@@ -439,7 +474,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         st = self._state
         if st["rescues"] < _RESCUES:
             st["rescues"] += 1
-            radius = self._radius * max(1.0, float(point.x.abs().max()))
+            radius = self._radius * max(1.0, point.x_inf)
             u = torch.randn(point.x.shape, generator=self._generator, dtype=_WORK).to(point.x.device)
             trial = self._evaluate(closure, point.x + radius * u / u.norm())
             if trial.finite and trial.jacobian_finite:
@@ -467,7 +502,9 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
     def _accept_bookkeeping(self, point: _Point, status: Status) -> None:
         st = self._state
         st["x"], st["point"] = point.x, point
-        st["samples"].append((point.x, point.g, point.jacobian()))
+        st["samples"].append((point.x, point.g, point.jacobian(), point.x_inf))
+        if status is Status.IN_PROGRESS:
+            point.sandwich(st["hessian"])      # the next direction's J H Jᵀ, in one pass with the certificate's J Jᵀ
         cert = self._certify(point)
         if status is Status.IN_PROGRESS and cert.kkt:
             status = Status.CONVERGED
@@ -486,18 +523,20 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         ineq, eq = linf_violation(point.c, p)
         g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
                       torch.finfo(_WORK).tiny)
-        J = point.jacobian()
-        meas = stationarity.measure(point.g[None], J[None], point.c, p, g_scale, self._tol_ineq, st.get("fit"))
+        meas = stationarity.measure(point.g[None], [point.jacobian()], point.c, p, g_scale, self._tol_ineq,
+                                    st.get("fit"))
         st["fit"] = meas.qp
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:
-            radius = self._radius * max(1.0, float(point.x.abs().max()))
-            near = [(g, Js) for x, g, Js in st["samples"] if float((x - point.x).abs().max()) <= radius]
+            radius = self._radius * max(1.0, point.x_inf)
+            # |‖x_j‖∞ − ‖x‖∞| <= ‖x_j − x‖∞ rules most samples out without a pass over x_j
+            near = [(g, Js) for x, g, Js, x_inf in st["samples"]
+                    if abs(x_inf - point.x_inf) <= radius and float((x - point.x).abs().max()) <= radius]
             if len(near) > 1:
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])
-                jacs = torch.stack([Js for _, Js in near[::-1]])
-                sampled = stationarity.measure(grads, jacs, point.c, p, g_scale, self._tol_ineq)
+                sampled = stationarity.measure(grads, [Js for _, Js in near[::-1]], point.c, p, g_scale,
+                                               self._tol_ineq)
                 if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
                     meas, samples = sampled, len(near)
         lam = meas.multipliers
@@ -512,6 +551,23 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _measure_ok(self, meas) -> bool:
         return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
+
+
+def _warn_if_many_rows(values: ConstraintValues) -> None:
+    """Warn when m > ``_MANY_ROWS``, naming the largest constraints and what to do about them."""
+    if values.m <= _MANY_ROWS:
+        return
+    bounds = {rows.start for rows, _, _ in values.bounds}
+    largest = sorted(values.slices.items(), key=lambda item: item[1].start - item[1].stop)[:3]
+    names = ", ".join(f"{name!r} ({rows.stop - rows.start} rows{', bounds' if rows.start in bounds else ''})"
+                      for name, rows in largest)
+    warnings.warn(
+        f"ConstrainedSQP got {values.m} scalar constraint rows (more than {_MANY_ROWS}); largest: {names}. Every "
+        f"iteration solves a dense {values.m}×{values.m} dual QP (O(m²) memory, O(m³) time) and uses the m×n "
+        "Jacobian (O(m·n) memory; bounds of co.Box/co.NonNegative are never formed, but still enter the QP). "
+        "Fold a large constraint tensor into one row with fold='l2' or fold='max' (co.ineq(fn, fold='l2')); for a "
+        "box on a large parameter use co.ProjectedGradient or co.AugmentedLagrangian.", UserWarning,
+        stacklevel=6)   # the caller of step(): through Optimizer's wrapper, no_grad, step and _start
 
 
 def check_options(*, mu0, memory, tol_opt, tol_ineq, tol_eq, c_v, c_mu, max_steering, c1, c2, max_ls_evals, max_stall,
@@ -590,9 +646,18 @@ def _check_state_dict(state_dict, n: int, group_sizes: list[int], memory: int | 
         raise bad(f"the saved Hessian approximation is not the {kind} one this optimizer uses (memory={memory})")
     if kind == "dense" and (not isinstance(H.get("H"), Tensor) or H["H"].shape != (n, n)):
         raise bad("the saved dense BFGS matrix has the wrong shape")
-    if kind == "lbfgs" and not all(isinstance(v, Tensor) and v.shape == (n,) for v in H.get("S", []) + H.get("Y", [])):
+    if kind == "lbfgs" and not _lbfgs_state_ok(H, n, memory):
         raise bad("the saved L-BFGS pairs have the wrong shape")
     for sample in saved["samples"]:
         if len(sample) != 3 or sample[0].shape != (n,) or sample[1].shape != (n,) or sample[2].shape[-1] != n:
             raise bad("a saved gradient sample has the wrong shape")
     return saved, groups
+
+
+def _lbfgs_state_ok(H: dict, n: int, memory: int) -> bool:
+    """The saved L-BFGS state has k <= memory pairs of length n, their slots and k × k ``SᵀY``, ``YᵀY``."""
+    S, Y, slots = H.get("S", []), H.get("Y", []), H.get("slots")
+    k = len(S)
+    return (len(Y) == k <= memory and all(isinstance(v, Tensor) and v.shape == (n,) for v in S + Y)
+            and isinstance(slots, Tensor) and slots.shape == (k,) and bool(((slots >= 0) & (slots < memory)).all())
+            and all(isinstance(H.get(key), Tensor) and H[key].shape == (k, k) for key in ("SY", "YY")))

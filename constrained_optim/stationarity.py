@@ -17,17 +17,20 @@ rescaling of ``f`` (or of any constraint):
     stationarity    = ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖∞ / s
     complementarity = max_{i∈I} κ_i ‖∇c_i‖∞ Σ_j λ_{j,i} / s,        s = max(‖∇f(x)‖∞, g_ref).
 
-Rows are normalized by ``‖∇c_i‖`` and ``∇f`` by ``s`` before the QP so that it is well scaled.
+Rows are normalized by ``‖∇c_i‖`` and ``∇f`` by ``s`` before the QP so that it is well scaled. At one point the
+QP needs only ``J Jᵀ`` and ``J ∇f`` (m-sized), and the residual one product ``Jᵀ λ``.
 
 :func:`measure_batched` is the single-point fit (k = 1) for A independent problems, one QP batch for all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .jacobian import Jacobian
 from .qp import QPResult, solve_box_qp, solve_qp
 
 
@@ -49,34 +52,37 @@ class BatchedStationarity:
     qp: QPResult             # the fit batch (A,): a warm start for the next
 
 
-def measure(grads: Tensor, jacobians: Tensor, c: Tensor, p: int, g_scale: float, tol_ineq: float,
+def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_scale: float, tol_ineq: float,
             warm_start: QPResult | None = None) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
 
     Args:
         grads: (k, n) objective gradients, row 0 at the current point.
-        jacobians: (k, m, n) constraint Jacobians at the same points.
+        jacobians: the k constraint Jacobians (m, n) at the same points.
         c: (m,) constraint values at the current point, inequalities first.
         p: number of inequality rows.
         g_scale: the gradient scale ``s`` (positive).
         tol_ineq: inequality feasibility tolerance (sets ``κ``).
         warm_start: the ``qp`` of an earlier single-point measure with the same m (speed only).
     """
-    k, m, n = jacobians.shape
-    unit, live = _row_norms(jacobians[0])
-    J = jacobians / unit[:, None]                       # unit rows at the current point
+    J0 = jacobians[0]
+    m, n = J0.shape
+    unit, live = _safe(J0.row_norms())
     g = grads / g_scale
     kappa, lower, upper = _activity(c, unit, live, p, tol_ineq)
     qp = None
-    if k == 1:
-        qp = solve_box_qp(J[0] @ J[0].T + torch.diag(kappa * kappa), J[0] @ g[0], lower, upper,
+    if len(jacobians) == 1:
+        gram = J0.gram() / (unit[:, None] * unit[None, :])        # unit rows: J_u J_uᵀ
+        qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ g[0]) / unit, lower, upper,
                           warm_start=warm_start)
-        lam_unit, r, solved = qp.z, g[0] + J[0].T @ qp.z, bool(qp.solved)
+        lam_unit, r, solved = qp.z, g[0] + J0.T @ (qp.z / unit), bool(qp.solved)
     else:
+        J = torch.stack([Js.to_dense().to(grads.dtype) for Js in jacobians]) / unit[:, None]
         lam_unit, r, solved = _sampled(g, J, kappa, lower, upper)
     lam = lam_unit / unit * g_scale
-    col_inf = jacobians[0].abs().amax(dim=1)
-    comp = (kappa * col_inf * lam.abs())[:p]
+    charged = (kappa * lam.abs())[:p]
+    # ‖∇c_i‖∞ (a pass over J) only where a multiplier sits on a clearly inactive row
+    comp = charged * J0.row_amax()[:p] if bool((charged > 0).any()) else charged
     return Stationarity(
         stationarity=float(r.abs().max()) if n else 0.0,
         complementarity=float(comp.max() / g_scale) if p else 0.0,
@@ -146,7 +152,7 @@ def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
     return lam, C @ z, bool(res.solved)
 
 
-def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> float:
+def infeasibility(J: Jacobian, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> float:
     """Stationarity of the violation ``v`` at an infeasible point (small: locally infeasible).
 
         min_y ‖Jᵀy‖∞ / max_i ‖∇c_i‖∞   over  y ∈ ∂v:
@@ -156,7 +162,14 @@ def infeasibility(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) 
     over the violated and nearly active rows (the QP minimizes ‖Jᵀy‖₂). Rows are normalized, so the
     measure does not depend on the scaling of the constraints.
     """
-    return float(infeasibility_batched(J, c, p, tol_ineq, tol_eq))
+    norms, _ = _safe(J.row_norms())
+    ci, ce = c[:p], c[p:]
+    lower = torch.cat([(ci > tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), -torch.ones_like(ce))])
+    upper = torch.cat([(ci >= -tol_ineq).to(c.dtype), torch.where(ce.abs() > tol_eq, torch.sign(ce), torch.ones_like(ce))])
+    res = solve_box_qp(J.gram() / (norms[:, None] * norms[None, :]), torch.zeros_like(c), lower, upper)
+    if not bool(res.solved):
+        return float("inf")
+    return float((J.T @ (res.z / norms)).abs().max())
 
 
 def infeasibility_batched(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> Tensor:
@@ -173,8 +186,12 @@ def infeasibility_batched(J: Tensor, c: Tensor, p: int, tol_ineq: float, tol_eq:
     return torch.where(res.solved, value, torch.full_like(value, float("inf")))
 
 
-def _row_norms(J: Tensor) -> tuple[Tensor, Tensor]:
-    """Row 2-norms of J with 1 for zero rows (safe divisors), and which rows are nonzero."""
-    norms = torch.linalg.vector_norm(J, dim=-1)
+def _safe(norms: Tensor) -> tuple[Tensor, Tensor]:
+    """Row norms with 1 for zero rows (safe divisors), and which rows are nonzero."""
     live = norms > 0
     return torch.where(live, norms, torch.ones_like(norms)), live
+
+
+def _row_norms(J: Tensor) -> tuple[Tensor, Tensor]:
+    """Row 2-norms of a dense J (..., m, n), safe as divisors (see :func:`_safe`)."""
+    return _safe(torch.linalg.vector_norm(J, dim=-1))

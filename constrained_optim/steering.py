@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .hessian import Sandwich
 from .qp import QPResult, solve_box_qp
 
 
@@ -77,14 +78,12 @@ class Steering:
     def reset(self) -> None:
         self.warm = None
 
-    def direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, H, mu: float) -> Direction:
-        """The steered direction at a point with gradient ``g``, constraints ``c`` and Jacobian ``J``."""
+    def direction(self, c: Tensor, p: int, sandwich: Sandwich, mu: float) -> Direction:
+        """The steered direction at a point with constraints ``c`` and ``sandwich = H.sandwich(J, ∇f)``
+        (``J H Jᵀ``, ``J H ∇f`` and the step of a dual solution)."""
         m = c.numel()
-        HV = H.apply(torch.cat([g[:, None], J.T], dim=1))  # [H∇f, HJᵀ] in one application
-        Hg, HJt = HV[:, 0], HV[:, 1:]
-        M = J @ HJt
+        M, Jg = sandwich.M, sandwich.JHg
         M = 0.5 * (M + M.T)
-        Jg = J @ Hg
         lower = torch.cat([c.new_zeros(p), -c.new_ones(m - p)])
         upper = c.new_ones(m)
         v = float(violation(c, p))
@@ -107,12 +106,12 @@ class Steering:
         Y, ell, ok = solve(c.new_tensor([mu, 0.0]))
         ell_mu, ell_ref = float(ell[0]), float(ell[1])
         if ell_mu >= self.c_v * v - slack or ell_mu >= self.c_v * ell_ref - slack:
-            return self._make(Hg, HJt, mu, Y[0], bool(ok[0]))
+            return _make(sandwich, mu, Y[0], bool(ok[0]))
         mus = self._candidates(mu, c)
         Yr, ellr, okr = solve(mus)
         passed = (ellr >= self.c_v * ell_ref - slack).nonzero()
         i = int(passed[0]) if passed.numel() else mus.numel() - 1
-        return self._make(Hg, HJt, float(mus[i]), Yr[i], bool(okr[i]))
+        return _make(sandwich, float(mus[i]), Yr[i], bool(okr[i]))
 
     def batch_direction(self, g: Tensor, c: Tensor, J: Tensor, p: int, apply_H: Callable[[Tensor], Tensor],
                         mu: Tensor, warm: QPResult | None = None) -> BatchedDirection:
@@ -163,6 +162,7 @@ class Steering:
         last = self.c_mu ** self.max_reductions
         return mu * torch.cat([self.c_mu ** j, last * 10.0 ** -k])
 
-    @staticmethod
-    def _make(Hg, HJt, mu, y, ok) -> Direction:
-        return Direction(-(mu * Hg + HJt @ y), mu, y, ok)
+
+def _make(sandwich: Sandwich, mu: float, y: Tensor, ok: bool) -> Direction:
+    """``d(μ) = −H (μ ∇f + Jᵀ y)``."""
+    return Direction(sandwich.direction(mu, y), mu, y, ok)

@@ -120,6 +120,13 @@ def init(rank: int, port: int) -> None:
                                          timeout=datetime.timedelta(seconds=30))
 
 
+def finish() -> None:
+    """Wait for the other rank before tearing down (rank 0 hosts the rendezvous store: leaving first can
+    abort the other rank's last store access)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def worker(rank: int, port: int, out_dir: str, kinds: list[str]) -> None:
     """Each kind under DDP on this rank's shard; results to ``out_dir/rank{r}.pt``."""
     init(rank, port)
@@ -134,7 +141,7 @@ def worker(rank: int, port: int, out_dir: str, kinds: list[str]) -> None:
         results["values"] = reduced_values(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        finish()
 
 
 def unsynced_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
@@ -151,7 +158,7 @@ def unsynced_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
             fh.write(message)
     finally:
-        torch.distributed.destroy_process_group()
+        finish()
 
 
 def failing_worker(rank: int, port: int, out_dir: str) -> None:

@@ -426,6 +426,7 @@ def test_batched_weak_wolfe_follows_the_single_search_in_every_row():
 def test_batched_steering_and_multiplier_fit_match_the_single_versions():
     from constrained_optim import stationarity
     from constrained_optim.hessian import DenseBFGS
+    from constrained_optim.jacobian import Jacobian
     from constrained_optim.steering import Steering
     gen = torch.Generator().manual_seed(9)
     A, n, m, p = 5, 4, 3, 2
@@ -438,15 +439,17 @@ def test_batched_steering_and_multiplier_fit_match_the_single_versions():
     batched = steering.batch_direction(g, c, J, p, lambda V: V, mu)
     assert bool((batched.mu < mu).any())           # some problem needed a smaller penalty
     for a in range(A):
-        single = Steering(slack=1e-10).direction(g[a], c[a], J[a], p, DenseBFGS(n, F64, "cpu"), float(mu[a]))
+        sandwich = DenseBFGS(n, F64, "cpu").sandwich(Jacobian.from_dense(J[a]), g[a])
+        single = Steering(slack=1e-10).direction(c[a], p, sandwich, float(mu[a]))
         assert float(batched.mu[a]) == pytest.approx(single.mu, rel=1e-12)
         assert torch.allclose(batched.d[a], single.d, atol=1e-8)
     scale = g.abs().amax(-1)
     fit = stationarity.measure_batched(g, J, c, p, scale, 1e-8)
     infeasible = stationarity.infeasibility_batched(J, c, p, 1e-8, 1e-8)
     for a in range(A):
-        single = stationarity.measure(g[a][None], J[a][None], c[a], p, float(scale[a]), 1e-8)
+        single = stationarity.measure(g[a][None], [Jacobian.from_dense(J[a])], c[a], p, float(scale[a]), 1e-8)
         assert float(fit.stationarity[a]) == pytest.approx(single.stationarity, abs=1e-12)
         assert float(fit.complementarity[a]) == pytest.approx(single.complementarity, abs=1e-12)
         assert torch.allclose(fit.multipliers[a], single.multipliers, atol=1e-10)
-        assert float(infeasible[a]) == pytest.approx(stationarity.infeasibility(J[a], c[a], p, 1e-8, 1e-8), abs=1e-12)
+        assert float(infeasible[a]) == pytest.approx(stationarity.infeasibility(Jacobian.from_dense(J[a]), c[a], p, 1e-8,
+                                                                                1e-8), abs=1e-12)

@@ -1,5 +1,6 @@
 """ConstrainedSQP's step mechanics: termination statuses, fallbacks and the truthfulness of the certificate."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,104 @@ def test_random_convex_problems_match_slsqp(seed, n, p, with_eq):
     assert res.violation <= 1e-8
     assert abs(res.fun - ref.fun) <= 1e-6 * max(1.0, abs(ref.fun))
     assert float((x.detach() - torch.from_numpy(ref.x)).abs().max()) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def _bounded_problem(x):
+    """min Σ (x − t)⁴ + ‖x − t‖²  s.t.  ‖x‖² <= 3 and a box (one side unbounded in one entry)."""
+    t = torch.tensor([2.0, -1.0, 0.5, 1.5, -2.0], dtype=F64)
+    lower = torch.tensor([-0.5, -0.5, float("-inf"), -0.5, -0.5], dtype=F64)
+    box = co.Box(x, lower=lower, upper=1.0)
+    return (lambda: ((x - t) ** 4).sum() + ((x - t) ** 2).sum()), box
+
+
+@pytest.mark.parametrize("memory", [None, 3])
+def test_box_rows_by_column_give_the_iterates_of_the_dense_rows(memory):
+    # the same box as bound rows (never formed) and as an ordinary constraint (rows ±e_i by autograd)
+    paths = []
+    for structured in (True, False):
+        x = torch.full((5,), 0.1, dtype=F64, requires_grad=True)
+        f, box = _bounded_problem(x)
+        rows = box if structured else co.ineq(box._rows, name="box0")
+        opt = co.ConstrainedSQP([x], [co.ineq(lambda: (x ** 2).sum() - 3, name="ball"), rows], memory=memory)
+
+        def closure():
+            opt.zero_grad()
+            loss = f()
+            loss.backward()
+            return loss
+        path = []
+        for _ in range(40):
+            opt.step(closure)
+            path.append(x.detach().clone())
+        assert opt.certificate.converged
+        paths.append(torch.stack(path))
+    assert float((paths[0] - paths[1]).abs().max()) <= 1e-12
+
+
+def test_box_on_a_large_parameter_never_forms_its_rows(monkeypatch):
+    """min ½‖x − t‖² s.t. Σx = 0 and 0 <= x_i <= 1 for i < 150, n = 200 000: x_i = clip(t_i − ν) on the box,
+    t_i − ν elsewhere. The box's 300 rows as dense rows would be a 300 × 200 000 matrix."""
+    from constrained_optim.constraints import ConstraintValues
+    from constrained_optim.jacobian import Jacobian
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense Jacobian was formed")
+    monkeypatch.setattr(Jacobian, "to_dense", refuse)
+    monkeypatch.setattr(ConstraintValues, "jacobian", refuse)
+    differentiated = []
+    block_rows = ConstraintValues._block_rows
+    monkeypatch.setattr(ConstraintValues, "_block_rows",
+                        lambda self, value: differentiated.append(value.numel()) or block_rows(self, value))
+
+    n, k = 200_000, 150
+    t = 2 * torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = torch.zeros(n, dtype=F64, requires_grad=True)
+    lower = torch.full((n,), float("-inf"), dtype=F64)
+    upper = torch.full((n,), float("inf"), dtype=F64)
+    lower[:k], upper[:k] = 0.0, 1.0
+    res = co.minimize(lambda: 0.5 * ((x - t) ** 2).sum(), [x], [co.eq(lambda: x.sum(), name="sum"),
+                      co.Box(x, lower=lower, upper=upper)], memory=5, max_iter=50)
+    assert res.success and set(differentiated) == {1}
+
+    def solution(nu):
+        return torch.cat([(t[:k] - nu).clamp(0, 1), t[k:] - nu])
+    low, high = float(t.min()) - 1, float(t.max()) + 1        # Σ solution(ν) decreases in ν
+    for _ in range(100):
+        nu = 0.5 * (low + high)
+        low, high = (nu, high) if float(solution(nu).sum()) > 0 else (low, nu)
+    assert float((x.detach() - solution(0.5 * (low + high))).abs().max()) <= 1e-7
+
+
+def test_many_constraint_rows_warn_once_naming_the_largest():
+    x = torch.zeros(3, dtype=F64, requires_grad=True)
+    offsets = torch.arange(1001, dtype=F64)
+    opt = co.ConstrainedSQP([x], [co.ineq(lambda: x.sum() - 10 - offsets, name="many"),
+                                  co.ineq(lambda: x[0] - 5, name="one")])
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x - 2) ** 2).sum()
+        loss.backward()
+        return loss
+    with pytest.warns(UserWarning, match=r"1002 scalar constraint rows.*'many' \(1001 rows\).*fold='l2'"):
+        opt.step(closure)
+    with torch.no_grad():
+        x += 0.1                                    # moved by hand: the next step restarts here, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+
+
+def test_gradient_samples_fit_the_memory_budget():
+    # samples · (m + 2) · n <= 2²⁴: with n = 300 000 and m = 1, 18 samples (not ngrad = 100)
+    x = torch.zeros(300_000, dtype=F64, requires_grad=True)
+    opt = co.ConstrainedSQP([x], [co.ineq(lambda: x.sum() - 1)])
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x - 1) ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert opt.state[x]["samples"].maxlen == 18

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Per-iteration overhead of ``ConstrainedSQP(memory=k)`` against the autodiff floor, for large n.
+
+Problem (one per (n, m), seeded): a two-layer tanh network ``h(z) = w₂ᵀ tanh(W₁ z + b₁) + b₂`` with all
+its weights in one flat parameter x ∈ Rⁿ, fitted to N random samples by least squares, subject to m
+smooth constraints: m − 1 random linear rows ``G x <= h`` (rows of norm 1; h chosen so that about half of
+them are violated at the start) and the norm bound ``‖x‖² <= R²``:
+
+    minimize  (1/N) Σ_j (h(z_j) − t_j)²   s.t.  G x − h <= 0,   ‖x‖² − R² <= 0.
+
+The floor is what any method that uses first derivatives of everything pays per point: one closure call
+(loss and gradient) plus the constraint values and one batched constraint Jacobian
+(``ConstraintValues.structured_jacobian``). It is timed in the same process as the SQP, right before every
+timed SQP iteration (median of ``--repeats`` runs each time; the median over the iterations counts), so that
+both see the same machine load; the loss and Jacobian parts of the floor are shown once (median of 3). The SQP is timed over ``--iters`` steady-state iterations (after the
+starting evaluation and ``--skip`` iterations) and reports
+
+    ratio/it   = time per SQP iteration / floor
+    ratio/eval = time per SQP iteration / (closure calls per iteration × floor)
+
+Every (n, m) case runs in a fresh subprocess, which reports its peak resident memory (``ru_maxrss``)
+after setting up the problem (data and parameters), after the floor, and at the end.
+
+Usage:
+    python benchmarks/scale_bench.py                        # n = 1e4, 1e5, 1e6; m = 1, 16, 64; memory 10
+    python benchmarks/scale_bench.py --quick                # n = 1e4, 1e5; m = 1, 16
+    python benchmarks/scale_bench.py --n 1000000 --m 64 --memory 20 --dtype float32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import torch  # noqa: E402
+
+_INPUTS = 64           # d, input size of the network
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+
+
+def build(n_target: int, m: int, samples: int, dtype: torch.dtype, seed: int = 0):
+    """The network, data and constraints; returns (x, loss function, constraints)."""
+    import constrained_optim as co
+
+    gen = torch.Generator().manual_seed(seed)
+    d = _INPUTS
+    hidden = max(1, round((n_target - 1) / (d + 2)))
+    n = hidden * (d + 2) + 1
+    Z = torch.randn(samples, d, generator=gen, dtype=dtype)
+    t = torch.sin(Z[:, 0]) + 0.1 * torch.randn(samples, generator=gen, dtype=dtype)
+    x0 = torch.randn(n, generator=gen, dtype=dtype) / d ** 0.5
+    x = x0.clone().requires_grad_()
+    G = torch.randn(m - 1, n, generator=gen, dtype=dtype)
+    G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
+    h = (G @ x0).detach() + 0.1 * torch.randn(m - 1, generator=gen, dtype=dtype)
+    radius2 = 0.5 * float(x0.dot(x0))
+
+    def loss_fn():
+        W1 = x[:hidden * d].view(hidden, d)
+        b1 = x[hidden * d:hidden * (d + 1)]
+        w2 = x[hidden * (d + 1):hidden * (d + 2)]
+        out = torch.tanh(torch.addmm(b1, Z, W1.T)) @ w2 + x[-1]
+        return ((out - t) ** 2).mean()
+
+    constraints = [co.ineq(lambda: x.dot(x) - radius2, name="norm")]
+    if m > 1:
+        constraints.insert(0, co.ineq(lambda: x @ G.T - h, name="linear"))
+    return x, loss_fn, constraints
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_case(args) -> dict:
+    import constrained_optim as co
+    from constrained_optim._flat import FlatParams
+    from constrained_optim.constraints import canonical, evaluate
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    x, loss_fn, constraints = build(args.n, args.m, args.samples, dtype)
+    rss_data = _rss_mib()
+    opt = co.ConstrainedSQP([x], constraints, memory=args.memory)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    flat, canon = FlatParams([x]), canonical(constraints)
+
+    def floor():
+        closure()
+        evaluate(canon, flat).structured_jacobian()
+
+    def floor_parts():
+        floor()
+        return _median_time(closure, 3), _median_time(lambda: evaluate(canon, flat).structured_jacobian(), 3)
+
+    loss_time, jacobian_time = floor_parts()
+    rss_floor = _rss_mib()
+
+    opt.step(closure)                                   # the starting point: evaluation and certificate
+    for _ in range(args.skip):
+        opt.step(closure)
+    floors, times, evals = [], [], []
+    for _ in range(args.iters):                         # the floor timed right before each timed iteration
+        floors.append(_median_time(floor, args.repeats))
+        nfev, t0 = opt.nfev, time.perf_counter()
+        opt.step(closure)
+        times.append(time.perf_counter() - t0)
+        evals.append(opt.nfev - nfev)
+        if opt.certificate.status.terminal:
+            break
+    t_floor = statistics.median(floors)
+    t_iter = statistics.mean(times)
+    evals_per_iter = statistics.mean(evals)
+    return {"n": x.numel(), "m": args.m, "iters": len(times), "floor": t_floor, "loss": loss_time,
+            "jacobian": jacobian_time, "iter": t_iter, "evals": evals_per_iter,
+            "ratio_it": t_iter / t_floor, "ratio_eval": t_iter / (evals_per_iter * t_floor),
+            "rss_data": rss_data, "rss_floor": rss_floor, "rss_peak": _rss_mib(),
+            "status": opt.certificate.status.name, "iteration": opt.certificate.iteration}
+
+
+def _child(args, n: int, m: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", "--n", str(n), "--m", str(m),
+           "--memory", str(args.memory), "--dtype", args.dtype, "--samples", str(args.samples),
+           "--iters", str(args.iters), "--skip", str(args.skip), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"n": n, "m": m, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=None, help="numbers of variables (approximate)")
+    parser.add_argument("--m", type=int, nargs="+", default=None, help="numbers of constraint rows")
+    parser.add_argument("--memory", type=int, default=10, help="L-BFGS pairs k (default 10)")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--samples", type=int, default=256, help="training samples N of the network (256)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per case (5)")
+    parser.add_argument("--skip", type=int, default=10, help="untimed iterations after the start (10)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of each floor timing (1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--quick", action="store_true", help="n = 1e4, 1e5 and m = 1, 16 only")
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(argparse.Namespace(**{**vars(args), "n": args.n[0], "m": args.m[0]}))))
+        return
+    ns = args.n or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    ms = args.m or ([1, 16] if args.quick else [1, 16, 64])
+    print(f"ConstrainedSQP(memory={args.memory}), {args.dtype}, {args.threads} thread(s), network fit to "
+          f"N={args.samples} samples; times in seconds, memory in MiB (peak RSS of the case's process)")
+    header = (f"{'n':>9} {'m':>3} | {'floor':>7} {'(loss':>7} {'+ jac)':>7} | {'SQP it':>7} {'evals':>5} "
+              f"{'ratio/it':>8} {'ratio/ev':>8} | {'RSS data':>8} {'floor':>7} {'peak':>7} | status")
+    print(header)
+    print("-" * len(header))
+    for n in ns:
+        for m in ms:
+            r = _child(args, n, m)
+            if "error" in r:
+                print(f"{r['n']:>9} {r['m']:>3} | error: {r['error']}")
+                continue
+            print(f"{r['n']:>9} {r['m']:>3} | {r['floor']:7.4f} {r['loss']:7.4f} {r['jacobian']:7.4f} | "
+                  f"{r['iter']:7.4f} {r['evals']:5.2f} {r['ratio_it']:8.2f} {r['ratio_eval']:8.2f} | "
+                  f"{r['rss_data']:8.0f} {r['rss_floor']:7.0f} {r['rss_peak']:7.0f} | "
+                  f"{r['status'].lower()} ({r['iters']} timed, it {r['iteration']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The Jacobian operator (constrained_optim/jacobian.py): dense row blocks and bound rows by column and sign."""
+import pytest
+import torch
+
+import constrained_optim as co
+from constrained_optim._flat import FlatParams
+from constrained_optim.constraints import canonical, evaluate
+from constrained_optim.jacobian import Jacobian
+
+F64 = torch.float64
+
+
+def _random_jacobian(dtype, seed=0, n=300):
+    """Rows: a dense block of 3, two bound rows, a dense block of 1, three bound rows (two on one column)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [torch.randn(3, n, generator=gen, dtype=F64).to(dtype), torch.randn(1, n, generator=gen, dtype=F64).to(dtype)]
+    dense_rows = torch.tensor([0, 1, 2, 5])
+    bound_rows = torch.tensor([3, 4, 6, 7, 8])
+    columns = torch.tensor([7, 0, n - 1, 7, 7])
+    signs = torch.tensor([-1.0, 1.0, 1.0, 1.0, -1.0], dtype=dtype)
+    J = Jacobian(blocks, dense_rows, bound_rows, columns, signs)
+    dense = torch.zeros(9, n, dtype=F64)
+    dense[dense_rows] = torch.cat(blocks).to(F64)
+    dense[bound_rows, columns] = signs.to(F64)
+    return J, dense, gen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_products_match_the_dense_matrix(dtype):
+    J, dense, gen = _random_jacobian(dtype)
+    v = torch.randn(dense.shape[1], generator=gen, dtype=F64)
+    V = torch.randn(dense.shape[1], 4, generator=gen, dtype=F64)
+    w = torch.randn(9, generator=gen, dtype=F64)
+    # float32 rows: every product accumulates in float64, so it matches float64 arithmetic on the same numbers
+    assert torch.allclose(J @ v, dense @ v, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(J @ V, dense @ V, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(J.T @ w, dense.T @ w, rtol=1e-13, atol=1e-13)
+    G, JVt, vVt = J.gram_and_times([V.T[:3], v[None]], left=v[None])
+    assert torch.allclose(G, dense @ dense.T, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(JVt, dense @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13, atol=1e-13)
+    assert torch.allclose(vVt, v @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13)
+    assert J.gram() is G                                   # computed once
+    assert torch.allclose(J.row_norms(), torch.linalg.vector_norm(dense, dim=1), rtol=1e-6)
+    assert torch.equal(J.row_amax(), dense.abs().amax(dim=1))
+    assert torch.equal(J.to_dense().to(F64), dense) and J.finite
+
+
+def test_nonfinite_rows_are_detected():
+    J, dense, _ = _random_jacobian(F64)
+    assert J.finite
+    blocks = [dense[:3].clone(), dense[5:6].clone()]
+    blocks[1][0, 5] = float("nan")
+    J = Jacobian(blocks, J.dense_rows, J.bound_rows, J.columns, J.signs)
+    assert not J.finite and torch.isnan(J.row_amax()[5]) and not torch.isnan(J.row_amax()[:5]).any()
+
+
+def test_change_between_points_needs_no_cancellation():
+    J, dense, gen = _random_jacobian(F64)
+    moved = [B + 1e-9 * torch.randn(B.shape, generator=gen, dtype=F64) for B in J.blocks]
+    J2 = Jacobian(moved, J.dense_rows, J.bound_rows, J.columns, J.signs)
+    w = torch.randn(9, generator=gen, dtype=F64)
+    assert torch.allclose(J2.rmatmul_change(J, w), (J2.to_dense() - dense).T @ w, rtol=1e-12, atol=0)
+
+
+def test_box_rows_are_recorded_by_column_not_differentiated():
+    x = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    y = torch.randn(3, dtype=F64, requires_grad=True)
+    lower = torch.full((4, 5), -1.0, dtype=F64)
+    lower[0, 1] = float("-inf")
+    box = co.Box(x, lower=lower, upper=2.0)
+    cons = canonical([co.ineq(lambda: (x ** 2).sum() + y.sum() - 1, name="ball"), box, co.NonNegative(y),
+                      co.eq(lambda: x[0] - y[:1].sum(), name="tie")])
+    flat = FlatParams([x, y])
+    values = evaluate(cons, flat)
+    J = values.structured_jacobian()
+    assert J.bounds == 19 + 20 + 3 and J.dense.shape == (1 + 5, 23)     # only "ball" and "tie" are differentiated
+    # the same rows as ordinary constraints, differentiated by autograd
+    plain = canonical([co.ineq(lambda: (x ** 2).sum() + y.sum() - 1, name="ball"), co.ineq(box._rows, name="box0"),
+                       co.ineq(lambda: -y, name="nonnegative0"), co.eq(lambda: x[0] - y[:1].sum(), name="tie")])
+    reference = evaluate(plain, flat)
+    assert torch.equal(values.c, reference.c)
+    assert torch.equal(J.to_dense(), reference.jacobian())
+    assert torch.equal(values.jacobian(), reference.jacobian())
+
+
+def test_box_on_a_tensor_that_is_not_a_parameter_falls_back_to_autograd():
+    x = torch.randn(6, dtype=F64, requires_grad=True)
+    view = x[:3]                                            # a view: not one of the optimized tensors
+    values = evaluate(canonical([co.Box(view, lower=-1.0, upper=1.0)]), FlatParams([x]))
+    J = values.structured_jacobian()
+    assert J.bounds == 0
+    expected = torch.cat([-torch.eye(3, 6, dtype=F64), torch.eye(3, 6, dtype=F64)])
+    assert torch.equal(J.to_dense(), expected)
+
+
+def test_linf_ball_rows_are_bounds():
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ball = co.Ball(x, radius=0.5, p="inf", center=0.1)
+    values = evaluate(canonical([ball]), FlatParams([x]))
+    reference = evaluate(canonical([co.ineq(ball._value, name="ball0")]), FlatParams([x]))
+    J = values.structured_jacobian()
+    assert J.bounds == 12 and torch.equal(values.c, reference.c)
+    assert torch.equal(J.to_dense(), reference.jacobian())
