@@ -47,11 +47,12 @@ from .certificate import Certificate, Status
 from .constraints import Constraint, canonical, evaluate
 from .hessian import BatchedDenseBFGS, BatchedLBFGS
 from .jacobian import Jacobian
-from .linesearch import BatchedOutcome, weak_wolfe_batched
+from .linesearch import BatchedLineSearchResult, BatchedOutcome, weak_wolfe_batched
 from .qp import QPResult
 from .sets import Set
-from .sqp import _AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _RESCUES, _SAMPLE_QP_LIMIT, check_options
-from .steering import BatchedDirection, Steering, violation, violation_weights
+from .sqp import (_AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _RESCUES, _SAMPLE_QP_LIMIT, check_options,
+                  tolerances_and_steering)
+from .steering import BatchedDirection, violation, violation_weights
 
 _WORK = torch.float64
 _EPS = torch.finfo(_WORK).eps
@@ -182,13 +183,8 @@ class BatchedSQP(torch.optim.Optimizer):
         self._constraints = canonical(constraints)
         if not self._constraints:
             raise ValueError("BatchedSQP got no constraints: pass constraints=[co.ineq(fn), co.eq(fn), ...]")
-        eps = torch.finfo(self._flat.dtype).eps
-        self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 100 * eps)
-        self._tol_ineq = tol_ineq if tol_ineq is not None else max(1e-8, 100 * eps)
-        self._tol_eq = tol_eq if tol_eq is not None else max(1e-8, 100 * eps)
-        self._radius = sample_radius if sample_radius is not None else max(1e-8, 10 * eps)
-        self._steering = Steering(c_v, c_mu, max_steering, slack=0.1 * min(self._tol_ineq, self._tol_eq),
-                                  backend=qp_solver)
+        self._tol_opt, self._tol_ineq, self._tol_eq, self._radius, self._steering = tolerances_and_steering(
+            self._flat.dtype, self.defaults)
         B, n = self._flat.batch, self._flat.n
         if memory is None and (n > _DENSE_LIMIT or B * n * n > _DENSE_ENTRIES):
             memory = _AUTO_MEMORY

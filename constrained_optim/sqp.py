@@ -163,13 +163,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         if not self._constraints:
             raise ValueError("ConstrainedSQP got no constraints: pass constraints=[co.ineq(fn), co.eq(fn), ...]; "
                              "for an unconstrained problem use torch.optim.LBFGS")
-        eps = torch.finfo(self._flat.dtype).eps
-        self._tol_opt = tol_opt if tol_opt is not None else max(1e-8, 100 * eps)
-        self._tol_ineq = tol_ineq if tol_ineq is not None else max(1e-8, 100 * eps)
-        self._tol_eq = tol_eq if tol_eq is not None else max(1e-8, 100 * eps)
-        self._radius = sample_radius if sample_radius is not None else max(1e-8, 10 * eps)
-        self._steering = Steering(c_v, c_mu, max_steering, slack=0.1 * min(self._tol_ineq, self._tol_eq),
-                                  backend=qp_solver)
+        self._tol_opt, self._tol_ineq, self._tol_eq, self._radius, self._steering = tolerances_and_steering(
+            self._flat.dtype, self.defaults)
         n = self._flat.n
         if memory is None and n > _DENSE_LIMIT:
             memory = _AUTO_MEMORY
@@ -568,6 +563,18 @@ def _warn_if_many_rows(values: ConstraintValues) -> None:
         "Fold a large constraint tensor into one row with fold='l2' or fold='max' (co.ineq(fn, fold='l2')); for a "
         "box on a large parameter use co.ProjectedGradient or co.AugmentedLagrangian.", UserWarning,
         stacklevel=6)   # the caller of step(): through Optimizer's wrapper, no_grad, step and _start
+
+
+def tolerances_and_steering(dtype: torch.dtype, options: dict) -> tuple[float, float, float, float, Steering]:
+    """``tol_opt``, ``tol_ineq``, ``tol_eq`` (default ``max(1e-8, 100 eps)``), the sampling radius (default
+    ``max(1e-8, 10 eps)``) and the :class:`Steering` of the options shared by ConstrainedSQP and BatchedSQP."""
+    eps = torch.finfo(dtype).eps
+    tol_opt, tol_ineq, tol_eq = (options[k] if options[k] is not None else max(1e-8, 100 * eps)
+                                 for k in ("tol_opt", "tol_ineq", "tol_eq"))
+    radius = options["sample_radius"] if options["sample_radius"] is not None else max(1e-8, 10 * eps)
+    steering = Steering(options["c_v"], options["c_mu"], options["max_steering"], slack=0.1 * min(tol_ineq, tol_eq),
+                        backend=options["qp_solver"])
+    return tol_opt, tol_ineq, tol_eq, radius, steering
 
 
 def check_options(*, mu0, memory, tol_opt, tol_ineq, tol_eq, c_v, c_mu, max_steering, c1, c2, max_ls_evals, max_stall,
