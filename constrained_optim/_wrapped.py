@@ -194,12 +194,6 @@ class ConstrainedOptimizer(DataParallel, PointRecord, torch.optim.Optimizer):
         self._p, self._m, self._slices = values.p, values.m, values.slices
         return values
 
-    def _synchronize(self, values, loss: Tensor | None) -> Tensor | None:
-        """Data-parallel: reduce the constraint values and the loss over the ranks (one collective); returns
-        the mean loss. Without a process group: the loss as it is."""
-        reducer = self._reducer()
-        return loss if reducer is None else values.synchronize(reducer, loss)
-
     def _mean_loss(self, loss: Tensor) -> Tensor:
         """Data-parallel: the loss averaged over the ranks (one all-reduce); else the loss itself."""
         reducer = self._reducer()

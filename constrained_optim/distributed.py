@@ -129,6 +129,12 @@ class DataParallel:
             self._reducer_cache = resolve(self._process_group)
         return self._reducer_cache
 
+    def _synchronize(self, values, loss: Tensor | None) -> Tensor | None:
+        """Reduce the constraint values (``ConstraintValues``) and the loss over the ranks (one collective);
+        returns the mean loss. Without a process group: the loss as it is."""
+        reducer = self._reducer()
+        return loss if reducer is None else values.synchronize(reducer, loss)
+
     def _check_replicas(self, flat) -> None:
         """Once: parameters and loss gradients must agree on all ranks (see :meth:`Reducer.check_replicated`)."""
         reducer = self._reducer()

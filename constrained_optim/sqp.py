@@ -280,10 +280,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             raise ValueError("after the closure no parameter has a .grad: the closure must call loss.backward() "
                              "(and the loss must depend on the parameters)")
         values = evaluate(self._constraints, flat, check_dependence="x" not in st)
-        loss = loss.detach()
-        if self._reducer() is not None:
-            loss = values.synchronize(self._reducer(), loss)
-            self._check_replicas(flat)
+        loss = self._synchronize(values, loss.detach())
+        self._check_replicas(flat)
         g = flat.grad().to(_WORK)
         return _Point(x=x, f=float(loss), g=g, c=values.c.to(_WORK), values=values, loss=loss)
 

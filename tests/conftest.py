@@ -2,6 +2,9 @@
 import os
 import sys
 
+import pytest
+import torch
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
@@ -35,3 +38,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def require_qpth() -> None:
     """In a qpth test: fail (never skip) when the optional package is missing."""
     assert _qpth_installed(), "qpth is not installed: pip install --no-deps qpth"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small problems: torch's intra-op threads only add overhead, and on a shared 2-core machine they can
+    make these runs several times slower (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,7 @@ def _load(name: str):
 svm, robustness, orthogonality = _load("svm"), _load("robustness"), _load("orthogonality")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the problems have at most a few hundred variables: torch's intra-op threads only add overhead, and
-    # on a shared 2-core machine they can make these runs several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("module", [svm, robustness, orthogonality], ids=["svm", "robustness", "orthogonality"])
