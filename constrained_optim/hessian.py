@@ -36,6 +36,7 @@ act on the problems listed in ``idx`` only.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -137,6 +138,9 @@ class LBFGS:
     def reset(self) -> None:
         self.version += 1
         self._W = None
+        self._stamps = [-1] * (2 * self.memory)   # when each buffer row was last written (``_writes`` then)
+        self._writes = 0
+        self._kept = None                         # the last ``J W`` (see ``_known``)
         self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
         self.order: list[int] = []
@@ -189,15 +193,35 @@ class LBFGS:
             G, Jg, _ = J.gram_and_times([g[None]])
             return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
         W = self.W
-        G, JV, gV = J.gram_and_times([W, g[None]], left=g[None])     # one pass: J Jᵀ, J W, J g, Wᵀg
+        # one pass: J Jᵀ, J W, J g, Wᵀg (but not the part of J W known from the last sandwich)
+        G, JV, gV = J.gram_and_times([W, g[None]], left=g[None], known=self._known(J))
         JW, Jg, Wg = JV[:, :-1], JV[:, -1], gV[0, :-1]
+        self._kept = ([weakref.ref(B) for B in J.blocks], JW[J.dense_rows], list(self._stamps[:len(W)]))
         gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
 
         def direction(mu: float, y: Tensor) -> Tensor:
             _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
-            return -(gamma * (mu * g + J.T @ y) + W.T @ Xd[:, 0])
+            d = (J.T @ y).add_(g, alpha=mu).mul_(-gamma)       # in place: n-vectors are the cost at large n
+            return d.addmv_(W.T, Xd[:, 0], alpha=-1.0)
         return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction)
+
+    def _known(self, J) -> tuple[Tensor, list[bool], Tensor] | None:
+        """The entries of the dense rows' ``D W`` that the last sandwich computed and that still hold: rows of
+        the blocks of ``J`` that are the same tensors as then (shared by :meth:`Jacobian.share_unchanged`: constraints
+        linear in x), columns of the pairs not overwritten since (in the layout that ``gram_and_times`` takes, with
+        a last column for ``g``, never known)."""
+        if self._kept is None:
+            return None
+        refs, DW, stamps = self._kept
+        blocks = [i < len(refs) and refs[i]() is B for i, B in enumerate(J.blocks)]
+        k2 = len(self.W)
+        if not any(blocks) or len(refs) != len(J.blocks) or DW.shape[0] != J.dense_rows.numel():
+            return None
+        columns = [j < len(stamps) and stamps[j] == self._stamps[j] for j in range(k2)] + [False]
+        K = DW.new_zeros(DW.shape[0], k2 + 1)
+        K[:, :min(k2, DW.shape[1])] = DW[:, :k2]
+        return K, blocks, torch.tensor(columns, device=DW.device)
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it)."""
@@ -223,6 +247,8 @@ class LBFGS:
             self._W = torch.empty(2 * self.memory, self.n, dtype=self.dtype, device=self.device)
         slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
         self._W[2 * slot], self._W[2 * slot + 1] = s, y
+        self._writes += 1
+        self._stamps[2 * slot] = self._stamps[2 * slot + 1] = self._writes
         self.order.append(slot)
         self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
         k = len(self.order)

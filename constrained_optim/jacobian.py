@@ -30,6 +30,8 @@ _WORK = torch.float64
 _BLOCK = 1 << 21      # entries of D converted to float64 at a time (16 MiB)
 _SLICE = 1 << 18      # entries of [D; V] per column slice of the fused products (2 MiB: stays in a CPU cache)
 _ACCELERATOR = 1 << 6  # slices that many times larger off the CPU (few kernel launches, no cache to fit)
+_THIN = 4             # at large n, products with a side of at most this many rows skip the copy ...
+_THIN_SLICE = 1 << 15  # ... and run over column slices this wide
 _SMALL = 1 << 20      # dense parts up to this many entries are kept as one matrix (one product, not one per block)
 
 
@@ -56,6 +58,10 @@ class Jacobian:
         self.columns, self.signs = columns, signs.to(device=blocks[0].device, dtype=_WORK)
         self.m = dense_rows.numel() + bound_rows.numel()
         self._gram = self._norms = self._amax = None
+        self._previous_gram: Tensor | None = None   # J_prev J_prevᵀ, for the blocks shared with J_prev
+        self.shared = [False] * len(self.blocks)    # which blocks are J_prev's (see ``share_unchanged``)
+        self._block_norms: list[Tensor | None] = [None] * len(self.blocks)   # per block, shared with the block
+        self._block_amax: list[Tensor | None] = [None] * len(self.blocks)
 
     @classmethod
     def from_dense(cls, J: Tensor) -> "Jacobian":
@@ -94,24 +100,46 @@ class Jacobian:
             return self.blocks[0]
         return torch.cat(self.blocks) if self.blocks else self.signs.new_zeros(0, self.n, dtype=self.dtype)
 
+    def share_unchanged(self, previous: "Jacobian") -> None:
+        """Take over the dense blocks that equal ``previous``'s bit for bit (``previous``: the same constraints at an
+        earlier point; equal blocks are the rows of constraints linear in x, or of parameters that did not move).
+        A shared block is stored once, its part of ``J Jᵀ`` is ``previous``'s, ``(J − J_prev)ᵀw`` skips it, and
+        products that a caller keeps by the block's identity (the L-BFGS ``J W``) stay valid."""
+        if self._gram is not None or len(self.blocks) != len(previous.blocks):
+            return
+        for i, (B, P) in enumerate(zip(self.blocks, previous.blocks)):
+            if B is P or (B.shape == P.shape and B.dtype == P.dtype and torch.equal(B, P)):
+                self.blocks[i], self.shared[i] = P, True
+                self._block_norms[i], self._block_amax[i] = previous._block_norms[i], previous._block_amax[i]
+        if previous._gram is not None and any(self.shared):
+            self._previous_gram = previous._gram
+
     def rmatmul_change(self, previous: "Jacobian", w: Tensor) -> Tensor:
         """``(J − J_prev)ᵀ w`` for the Jacobian of the same constraints at another point, without the cancellation
-        of ``Jᵀw − J_prevᵀw`` (bound rows do not change)."""
+        of ``Jᵀw − J_prevᵀw`` (bound rows and shared blocks do not change)."""
         out = w.new_zeros(self.n, dtype=_WORK)
         w_dense, start = w[self.dense_rows].to(_WORK), 0
         for B, B_prev in zip(self.blocks, previous.blocks):
-            for cols in _column_slices(B):
-                out[cols] += (B[:, cols] - B_prev[:, cols]).to(_WORK).T @ w_dense[start:start + len(B)]
+            if B is not B_prev:
+                width = max(1, _entries(_SLICE, B.device) // max(len(B), 1))   # the difference stays in cache
+                for begin in range(0, self.n, width):
+                    cols = slice(begin, begin + width)
+                    out[cols] += (B[:, cols] - B_prev[:, cols]).to(_WORK).T @ w_dense[start:start + len(B)]
             start += len(B)
         return out
 
     def rmatmul(self, w: Tensor) -> Tensor:
-        """``Jᵀ w`` for w (m,) or (m, k)."""
+        """``Jᵀ w`` for w (m,) or (m, k); of a large block only the rows with a nonzero weight are read (at a
+        solution most inequalities are inactive: their multipliers and violation weights are zero)."""
         out = w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
-        w_dense, start = w[self.dense_rows].to(_WORK), 0
-        for B in self.blocks:
-            _add_transposed_times(out, B, w_dense[start:start + len(B)])
-            start += len(B)
+        w_dense = w[self.dense_rows].to(_WORK)
+        weighted = (w_dense != 0).flatten(1).any(dim=1).tolist() if w.dim() > 1 else (w_dense != 0).tolist()
+        for B, (start, stop) in zip(self.blocks, self._spans()):
+            rows = [i for i in range(stop - start) if weighted[start + i]]
+            if len(rows) == stop - start or B.numel() <= _SMALL:
+                _add_transposed_times(out, B, w_dense[start:stop])
+            elif rows:      # some rows of a large block: only they are read
+                _add_transposed_times(out, B[rows], w_dense[start:stop][rows])
         return out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
 
     def gram(self) -> Tensor:
@@ -120,20 +148,63 @@ class Jacobian:
             self.gram_and_times([])
         return self._gram
 
-    def gram_and_times(self, rows: list[Tensor], left: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def gram_and_times(self, rows: list[Tensor], left: Tensor | None = None,
+                       known: tuple[Tensor, list[bool], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(J Jᵀ, J Vᵀ, L Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all) and extra rows ``L``
-        (e, n) (none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls)."""
+        (e, n) (none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls).
+
+        Products known already are not recomputed: the part of ``J Jᵀ`` between blocks shared with the previous
+        Jacobian (``share_unchanged``), and with ``known = (K, blocks, columns)`` the entries of the dense rows'
+        ``D Vᵀ`` in the blocks flagged in ``blocks`` and the columns flagged in ``columns`` (k,), taken from K (r, k).
+        """
         V = [R.to(_WORK) for R in rows]
         L = [] if left is None else [left.to(_WORK)]
-        DDt, DLVt = _products(self.blocks, L, V, self._gram is None, self.signs)
-        r = self.dense_rows.numel()
-        JVt = self.signs.new_empty(self.m, sum(len(R) for R in V))
-        JVt[self.dense_rows] = DLVt[:r]
+        spans, every = self._spans(), range(len(self.blocks))
+        fresh = [i for i in every if known is None or not known[1][i]]
+        kept = [i for i in every if i not in fresh]
+        pairs = [([self.blocks[i] for i in fresh] + L, V)]
+        if kept:            # the kept blocks times the new columns of V only
+            pairs.append(([self.blocks[i] for i in kept],
+                          [R[idx] for R, idx in zip(V, _split_mask(known[2], [len(R) for R in V]))]))
+        gram = self._gram is None
+        changed = [i for i in every if self._previous_gram is None or not self.shared[i]]
+        if gram:            # the changed blocks times all of D
+            pairs.append(([self.blocks[i] for i in changed], self.blocks))
+        outs = _products(pairs, self.signs)
+        device = self.signs.device
+        DVt = self.signs.new_zeros(self.dense_rows.numel(), sum(len(R) for R in V))
+        fresh_rows = _rows(spans, fresh, device)
+        DVt[fresh_rows] = outs[0][:len(fresh_rows)]
+        if kept:
+            kept_rows, columns = _rows(spans, kept, device), known[2]
+            DVt[kept_rows[:, None], columns.nonzero()[:, 0]] = known[0][kept_rows][:, columns]
+            DVt[kept_rows[:, None], (~columns).nonzero()[:, 0]] = outs[1]
+        JVt = self.signs.new_empty(self.m, DVt.shape[1])
+        JVt[self.dense_rows] = DVt
         if V:
             JVt[self.bound_rows] = self.signs[:, None] * torch.cat([R[:, self.columns] for R in V]).T
-        if self._gram is None:
-            self._gram = self._assemble_gram(DDt)
-        return self._gram, JVt, DLVt[r:]
+        if gram:
+            self._gram = self._assemble_gram(self._dense_gram(outs[-1], _rows(spans, changed, device)))
+            self._previous_gram = None
+        return self._gram, JVt, outs[0][len(fresh_rows):]
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """The dense rows (start, stop) of each block."""
+        bounds = [0]
+        for B in self.blocks:
+            bounds.append(bounds[-1] + len(B))
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _dense_gram(self, changed_rows_times_D: Tensor, changed: Tensor) -> Tensor:
+        """``D Dᵀ`` from the rows of the changed blocks times ``Dᵀ`` and, for the others, the previous ``J Jᵀ``."""
+        r = self.dense_rows.numel()
+        if len(changed) == r:
+            return changed_rows_times_D
+        dense = self.dense_rows
+        DDt = self._previous_gram[dense[:, None], dense].clone()
+        DDt[changed] = changed_rows_times_D
+        DDt[:, changed] = changed_rows_times_D.T
+        return DDt
 
     def _assemble_gram(self, DDt: Tensor) -> Tensor:
         G = self.signs.new_zeros(self.m, self.m)
@@ -150,14 +221,22 @@ class Jacobian:
     def row_norms(self) -> Tensor:
         """``‖∇c_i‖₂`` (m,), computed once (1 for bound rows)."""
         if self._norms is None:
-            self._norms = self._per_row([torch.linalg.vector_norm(B, dim=1) for B in self.blocks])
+            self._norms = self._per_row(self._per_block(self._block_norms, lambda B: torch.linalg.vector_norm(B, dim=1)))
         return self._norms
 
     def row_amax(self) -> Tensor:
         """``‖∇c_i‖∞`` (m,), computed once (NaN where a row holds a NaN)."""
         if self._amax is None:
-            self._amax = self._per_row([torch.maximum(B.amax(dim=1), -B.amin(dim=1)) for B in self.blocks])
+            self._amax = self._per_row(self._per_block(self._block_amax,
+                                                       lambda B: torch.maximum(B.amax(dim=1), -B.amin(dim=1))))
         return self._amax
+
+    def _per_block(self, cache: list[Tensor | None], fn) -> list[Tensor]:
+        """``fn`` of each dense block, kept in ``cache`` (blocks shared with the previous Jacobian bring theirs)."""
+        for i, B in enumerate(self.blocks):
+            if cache[i] is None:
+                cache[i] = fn(B)
+        return cache
 
     def _per_row(self, dense_values: list[Tensor]) -> Tensor:
         out = self.signs.new_ones(self.m)
@@ -231,30 +310,84 @@ def _add_transposed_times(out: Tensor, D: Tensor, w: Tensor) -> None:
         out[cols] += block.T @ w
 
 
-def _products(blocks: list[Tensor], extra: list[Tensor], rows: list[Tensor], gram: bool,
-              like: Tensor) -> tuple[Tensor | None, Tensor]:
-    """``(D Dᵀ if gram, [D; E] Vᵀ)`` for D, E, V the stacked blocks, extra rows and rows (all with n columns),
-    accumulated in float64 over column slices of ``[D; E; V]`` copied into one small buffer (cache-sized: faster
-    than separate products, even in float64). ``like``: a float64 tensor on the device."""
-    r, e, k = (sum(len(M) for M in group) for group in (blocks, extra, rows))
-    DDt = like.new_zeros(r, r) if gram else None
-    DVt = like.new_zeros(r + e, k)
-    if not r + e:
-        return DDt, DVt
-    n = (blocks + extra)[0].shape[1]
-    width = max(1, _entries(_SLICE, like.device) // (r + e + k))
-    buffer = like.new_empty(r + e + k, min(width, n))
+def _products(pairs: list[tuple[list[Tensor], list[Tensor]]], like: Tensor) -> list[Tensor]:
+    """``[L Rᵀ for (L, R) in pairs]`` (L, R: row blocks stacked, all with n columns), accumulated in float64 over
+    column slices of every distinct block copied once into one small buffer (cache-sized: one pass over the data,
+    faster than separate products, even in float64). ``like``: a float64 tensor on the device."""
+    outs = [like.new_zeros(sum(len(M) for M in L), sum(len(M) for M in R)) for L, R in pairs]
+    live = [(out, L, R) for out, (L, R) in zip(outs, pairs) if out.numel()]
+    if not live:
+        return outs
+    n = live[0][1][0].shape[1]
+    if n > _entries(_THIN_SLICE, like.device) and all(M.dtype == _WORK for _, L, R in live for M in L + R) and all(
+            min(len(out), out.shape[1]) <= _THIN for out, _, _ in live):
+        _thin_products(live, like.device)
+        return outs
+    distinct: dict[int, tuple[Tensor, int]] = {}
+    row = 0
+    for _, L, R in live:
+        for M in L + R:
+            if id(M) not in distinct:
+                distinct[id(M)] = (M, row)
+                row += len(M)
+    width = max(1, _entries(_SLICE, like.device) // row)
+    buffer = like.new_empty(row, min(width, n))
+    products = [(out[lo:hi, left:right], a, b, c, d) for out, L, R in live
+                for lo, hi, a, b in _runs(L, distinct) for left, right, c, d in _runs(R, distinct)]
+    for start in range(0, n, width):
+        block = buffer[:, :min(width, n - start)]
+        for M, at in distinct.values():
+            block[at:at + len(M)].copy_(M[:, start:start + width])
+        for out, a, b, c, d in products:
+            out.addmm_(block[a:b], block[c:d].T)
+    return outs
+
+
+def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device: torch.device) -> None:
+    """The products of :func:`_products` when every one has a side of at most ``_THIN`` rows (matrix-vector
+    like) and all data is float64: straight from the data, over column slices wide enough for few calls and
+    narrow enough that a block used by several products is read from memory once (a copy costs more here)."""
+    n = live[0][1][0].shape[1]
+    width = _entries(_THIN_SLICE, device)
+    products = []
+    for out, L, R in live:
+        rows = [0]
+        for M in L:
+            rows.append(rows[-1] + len(M))
+        columns = [0]
+        for M in R:
+            columns.append(columns[-1] + len(M))
+        products += [(out[a:b, c:d], A, B) for A, a, b in zip(L, rows, rows[1:]) if len(A)
+                     for B, c, d in zip(R, columns, columns[1:]) if len(B)]
     for start in range(0, n, width):
         cols = slice(start, start + width)
-        block = buffer[:, :min(width, n - start)]
-        row = 0
-        for M in blocks + extra + rows:
-            block[row:row + len(M)].copy_(M[:, cols])
-            row += len(M)
-        if gram:
-            DDt.addmm_(block[:r], block[:r].T)
-        DVt.addmm_(block[:r + e], block[r + e:].T)
-    return DDt, DVt
+        for out, A, B in products:
+            out.addmm_(A[:, cols], B[:, cols].T)
+
+
+def _runs(group: list[Tensor], distinct: dict) -> list[tuple[int, int, int, int]]:
+    """``group``'s rows as runs adjacent in the buffer: (first, last) row in the stacked group, (first, last) row in
+    the buffer (one run in the usual case)."""
+    runs, row = [], 0
+    for M in group:
+        at = distinct[id(M)][1]
+        if runs and runs[-1][1] == row and runs[-1][3] == at:
+            runs[-1] = (runs[-1][0], row + len(M), runs[-1][2], at + len(M))
+        else:
+            runs.append((row, row + len(M), at, at + len(M)))
+        row += len(M)
+    return runs
+
+
+def _rows(spans: list[tuple[int, int]], blocks: list[int], device: torch.device) -> Tensor:
+    """The dense-row indices of the given blocks."""
+    index = [torch.arange(*spans[i], device=device) for i in blocks]
+    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _split_mask(mask: Tensor, sizes: list[int]) -> list[Tensor]:
+    """The indices where ``mask`` is False, split by the given consecutive sizes (relative to each part)."""
+    return [(~part).nonzero()[:, 0] for part in mask.split(sizes)]
 
 
 def _entries(base: int, device: torch.device) -> int:

@@ -61,6 +61,7 @@ class _Point:
     values: ConstraintValues
     loss: Tensor
     J: Jacobian | None = None
+    previous: Jacobian | None = None    # the current point's J, for rows that did not change (trial points)
     Jtw: Tensor | None = None
     _sandwich: tuple | None = None
     _x_inf: float | None = None
@@ -68,6 +69,9 @@ class _Point:
     def jacobian(self) -> Jacobian:
         if self.J is None:
             self.J = self.values.structured_jacobian()
+            if self.previous is not None:
+                self.J.share_unchanged(self.previous)
+                self.previous = None
         return self.J
 
     def sandwich(self, H) -> Sandwich:
@@ -262,7 +266,9 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         return self._state.get("most_feasible")
 
     # ------------------------------------------------------------------------------------ evaluation
-    def _evaluate(self, closure: Callable[[], Tensor], x: Tensor) -> _Point:
+    def _evaluate(self, closure: Callable[[], Tensor], x: Tensor, previous: Jacobian | None = None) -> _Point:
+        """f, ∇f and c at x (J when first needed; ``previous``: the Jacobian at a nearby point, whose unchanged rows
+        it takes over)."""
         flat = self._flat
         xp = x.to(flat.dtype)
         flat.set(xp)
@@ -283,7 +289,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         loss = self._synchronize(values, loss.detach())
         self._check_replicas(flat)
         g = flat.grad().to(_WORK)
-        return _Point(x=x, f=float(loss), g=g, c=values.c.to(_WORK), values=values, loss=loss)
+        return _Point(x=x, f=float(loss), g=g, c=values.c.to(_WORK), values=values, loss=loss, previous=previous)
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
@@ -406,7 +412,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         """Weak Wolfe search along d from t0; when the full step (t0 = 1) fails sufficient decrease, first
         try it with second-order corrections (which remove the Maratos effect of curved constraints)."""
         c1 = self.defaults["c1"]
-        evaluate_at = self._trial_evaluator(closure, point.x, d, mu)
+        evaluate_at = self._trial_evaluator(closure, point, d, mu)
         if t0 != 1.0:
             return weak_wolfe(evaluate_at, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"], t0=t0)
         full = evaluate_at(1.0)
@@ -445,12 +451,12 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             return None
         w = torch.zeros_like(trial.c)
         w[rows] = torch.cholesky_solve(r[:, None], L)[:, 0]
-        corrected = self._evaluate(closure, trial.x - J.T @ w)
+        corrected = self._evaluate(closure, trial.x - J.T @ w, previous=J)
         return corrected if corrected.finite else None
 
-    def _trial_evaluator(self, closure, x: Tensor, d: Tensor, mu: float):
+    def _trial_evaluator(self, closure, point: _Point, d: Tensor, mu: float):
         def evaluate_at(t: float):
-            trial = self._evaluate(closure, x + t * d)
+            trial = self._evaluate(closure, point.x + t * d, previous=point.jacobian())
             if not trial.finite:
                 return math.inf, lambda: math.nan, trial
 

@@ -101,3 +101,69 @@ def test_linf_ball_rows_are_bounds():
     J = values.structured_jacobian()
     assert J.bounds == 12 and torch.equal(values.c, reference.c)
     assert torch.equal(J.to_dense(), reference.jacobian())
+
+
+def _two_blocks(n, gen, first=None):
+    """A Jacobian with a dense block of 3 rows (``first`` if given), a bound row and a dense block of 1 row."""
+    blocks = [first if first is not None else torch.randn(3, n, generator=gen, dtype=F64),
+              torch.randn(1, n, generator=gen, dtype=F64)]
+    J = Jacobian(blocks, torch.tensor([0, 1, 2, 4]), torch.tensor([3]), torch.tensor([5]), torch.tensor([-1.0], dtype=F64))
+    dense = torch.zeros(5, n, dtype=F64)
+    dense[[0, 1, 2, 4]] = torch.cat(blocks)
+    dense[3, 5] = -1.0
+    return J, dense
+
+
+def test_shared_blocks_and_known_products_equal_fresh_ones():
+    # n large enough that the blocks stay separate (and the thin products run over several column slices)
+    n = 300_000
+    gen = torch.Generator().manual_seed(3)
+    previous, _ = _two_blocks(n, gen)
+    W, g = torch.randn(4, n, generator=gen, dtype=F64), torch.randn(1, n, generator=gen, dtype=F64)
+    previous.gram_and_times([W, g], left=g)
+    J, dense = _two_blocks(n, gen, first=previous.blocks[0].clone())     # a linear constraint: equal rows
+    J.share_unchanged(previous)
+    assert J.blocks[0] is previous.blocks[0] and J.shared == [True, False]
+    # the rows of block 0 times the first three rows of W are known; NaN marks entries that must not be used
+    W2 = torch.cat([W[:3], torch.randn(1, n, generator=gen, dtype=F64)])
+    K = torch.full((4, 5), float("nan"), dtype=F64)
+    K[:3, :3] = dense[:3] @ W2[:3].T
+    known = (K, [True, False], torch.tensor([True, True, True, False, False]))
+    G, JVt, gVt = J.gram_and_times([W2, g], left=g, known=known)
+    V = torch.cat([W2, g])
+    assert torch.allclose(G, dense @ dense.T, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(JVt, dense @ V.T, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(gVt, g @ V.T, rtol=1e-12, atol=1e-9)
+    w = torch.randn(5, generator=gen, dtype=F64)
+    change = J.rmatmul_change(previous, w)
+    assert torch.allclose(change, (dense - previous.to_dense()).T @ w, rtol=1e-12, atol=1e-12)
+    assert float(change[:6].abs().max()) > 0      # block 1 moved
+
+
+def test_blocks_that_differ_are_not_shared():
+    n = 300_000
+    gen = torch.Generator().manual_seed(4)
+    previous, _ = _two_blocks(n, gen)
+    previous.gram()
+    first = previous.blocks[0].clone()
+    first[1, 7] = torch.nextafter(first[1, 7], torch.tensor(float("inf"), dtype=F64))   # one entry, one ulp
+    J, dense = _two_blocks(n, gen, first=first)
+    J.share_unchanged(previous)
+    assert J.shared == [False, False] and J.blocks[0] is not previous.blocks[0]
+    assert torch.allclose(J.gram(), dense @ dense.T, rtol=1e-12, atol=1e-9)
+
+
+def test_transposed_product_reads_only_the_weighted_rows_of_a_large_block():
+    n = 400_000         # block 0 holds more than 2²⁰ entries
+    gen = torch.Generator().manual_seed(5)
+    J, dense = _two_blocks(n, gen)
+    for w in ([0.0, 2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0]):
+        w = torch.tensor(w, dtype=F64)
+        assert torch.allclose(J.T @ w, dense.T @ w, rtol=1e-12, atol=1e-12)
+    W = torch.zeros(5, 2, dtype=F64)
+    W[2, 1] = 1.5
+    assert torch.allclose(J.T @ W, dense.T @ W, rtol=1e-12, atol=1e-12)
+    # the rows of weight zero are not read: a NaN there does not reach the product
+    J.blocks[0][0, 11] = float("nan")
+    w = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=F64)
+    assert torch.allclose(J.T @ w, dense[1], rtol=0, atol=0)

@@ -286,3 +286,44 @@ def test_gradient_samples_fit_the_memory_budget():
         return loss
     opt.step(closure)
     assert opt.state[x]["samples"].maxlen == 18
+
+
+def test_rows_of_linear_constraints_are_shared_between_points_without_changing_the_iterates(monkeypatch):
+    # L-BFGS at n = 300,000 with three linear rows (the same Jacobian block at every point) and a norm bound:
+    # the shared block's J Jᵀ, J W and (J − J_prev)ᵀw are reused; the iterates are those of fresh products
+    from constrained_optim.jacobian import Jacobian
+    n = 300_000
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(n, generator=gen, dtype=F64)
+    A = torch.randn(3, n, generator=gen, dtype=F64) / n ** 0.5
+    b = A @ t - 0.5
+
+    def run():
+        x = torch.zeros(n, dtype=F64, requires_grad=True)
+        opt = co.ConstrainedSQP([x], [co.ineq(lambda: A @ x - b, name="linear"),
+                                      co.ineq(lambda: x.dot(x) - 0.5 * n, name="norm")], memory=5)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((x - t) ** 2).mean() + 0.1 * ((x - t) ** 4).mean()
+            loss.backward()
+            return loss
+        path = []
+        for _ in range(8):      # later, rounding differences of 1e-13 grow in line searches at the precision limit
+            opt.step(closure)
+            path.append(x.detach().clone())
+        return torch.stack(path), opt.certificate
+    shared = []
+    share = Jacobian.share_unchanged
+
+    def spy(self, previous):
+        share(self, previous)
+        shared.append(list(self.shared))
+    monkeypatch.setattr(Jacobian, "share_unchanged", spy)
+    path, cert = run()
+    assert shared and all(flags == [True, False] for flags in shared)
+    monkeypatch.setattr(Jacobian, "share_unchanged", lambda self, previous: None)
+    fresh_path, fresh_cert = run()
+    assert float((path - fresh_path).abs().max()) <= 1e-10
+    assert cert.status == fresh_cert.status and abs(cert.objective - fresh_cert.objective) <= 1e-12
+    assert float((path[-1] - path[-2]).abs().max()) > 1e-3      # still moving: the products mattered
