@@ -46,9 +46,11 @@ class _Box:
     """Equilibrated box-QP batch (b, n): Q~ = D Q D, p~ = D p, bounds / d, with z = d z~ and
     lam = lam~ / d in original units.
 
-    ``fl``/``fu`` mark finite lower/upper bounds of variables that are not ``fixed`` (l == u).
+    ``fl``/``fu`` mark finite lower/upper bounds of variables that are not ``fixed`` (l == u);
+    ``has_l``/``has_u`` the bounds that exist (fixed variables have both), ``bounded`` either.
     ``lo``/``up`` hold the bounds where they exist (both the fixed value at fixed variables) and
-    0 elsewhere; ``lb``/``ub`` the same with -inf/+inf for clamping; ``bscale`` = max |bound|.
+    0 elsewhere; ``lb``/``ub`` the same with -inf/+inf for clamping; ``bscale`` = max |bound|,
+    ``pscale`` = max |p~|.
     """
 
     Q: Tensor
@@ -60,14 +62,18 @@ class _Box:
     fl: Tensor
     fu: Tensor
     fixed: Tensor
+    has_l: Tensor
+    has_u: Tensor
+    bounded: Tensor
     bscale: Tensor
+    pscale: Tensor
 
     @staticmethod
     def make(Q: Tensor, p: Tensor, lo: Tensor, up: Tensor, fl: Tensor, fu: Tensor, fixed: Tensor) -> _Box:
         has_l, has_u = fl | fixed, fu | fixed
         lo, up = torch.where(has_l, lo, 0.0), torch.where(has_u, torch.where(fixed, lo, up), 0.0)
         return _Box(Q, p, lo, up, torch.where(has_l, lo, -torch.inf), torch.where(has_u, up, torch.inf),
-                    fl, fu, fixed, torch.maximum(_amax(lo), _amax(up)))
+                    fl, fu, fixed, has_l, has_u, has_l | has_u, torch.maximum(_amax(lo), _amax(up)), _amax(p))
 
     def index(self, idx: Tensor) -> _Box:
         return _Box(*(getattr(self, f.name)[idx] for f in fields(self)))
@@ -88,18 +94,17 @@ def _box_kkt(S: _Box, Qz: Tensor, z: Tensor, lam_l: Tensor, lam_u: Tensor, signs
     """The residual of the module docstring for G = [-I; I], h = [-l; u] on the equilibrated
     problem (rows: the finite bounds). ``signs`` adds the dual-sign term, which is zero for the
     multipliers built by :func:`_box_multipliers`. NaN reads as +inf."""
-    has_l, has_u = S.fl | S.fixed, S.fu | S.fixed
     GTl = lam_u - lam_l
-    stat = _amax(Qz + S.p + GTl) / (1 + torch.maximum(torch.maximum(_amax(Qz), _amax(S.p)), _amax(GTl)))
-    ineq_scale = 1 + torch.maximum(_amax(torch.where(has_l | has_u, z, 0.0)), S.bscale)
-    slack_l, slack_u = torch.where(has_l, z - S.lo, 0.0), torch.where(has_u, S.up - z, 0.0)
+    stat = _amax(Qz + S.p + GTl) / (1 + torch.maximum(_amax(torch.cat([Qz, GTl], -1)), S.pscale))
+    ineq_scale = 1 + torch.maximum(_amax(torch.where(S.bounded, z, 0.0)), S.bscale)
+    slack_l, slack_u = torch.where(S.has_l, z - S.lo, 0.0), torch.where(S.has_u, S.up - z, 0.0)
     violation = _amax(torch.minimum(slack_l, slack_u).clamp(max=0.0)) / ineq_scale
-    lam_max = torch.maximum(_amax(lam_l), _amax(lam_u))
-    comp = torch.maximum(_amax(lam_l * slack_l), _amax(lam_u * slack_u)) / (1 + lam_max * ineq_scale)
+    lam_max = _amax(torch.cat([lam_l, lam_u], -1))
+    comp = _amax(torch.cat([lam_l * slack_l, lam_u * slack_u], -1)) / (1 + lam_max * ineq_scale)
     res = torch.maximum(torch.maximum(stat, violation), comp)
     if signs:
-        sign = torch.maximum(_amax(torch.where(has_l, lam_l.clamp(max=0.0), lam_l)),
-                             _amax(torch.where(has_u, lam_u.clamp(max=0.0), lam_u)))
+        sign = _amax(torch.cat([torch.where(S.has_l, lam_l.clamp(max=0.0), lam_l),
+                                torch.where(S.has_u, lam_u.clamp(max=0.0), lam_u)], -1))
         res = torch.maximum(res, sign / (1 + lam_max))
     return torch.where(res.isnan(), torch.inf, res)
 
@@ -150,29 +155,34 @@ def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_it
     2-cycles, which singular Q can cause) or when the reduced solve is not finite.
 
     Returns the best z, lam_l, lam_u, residual and the iterations."""
-    b = S.p.shape[0]
-    best_z, best_l, best_u = torch.zeros_like(z), torch.zeros_like(z), torch.zeros_like(z)
-    best_res = S.p.new_full((b,), torch.inf)
-    iterations = torch.zeros(b, dtype=torch.int64, device=S.p.device)
-    running = torch.ones(b, dtype=torch.bool, device=S.p.device)
-    history: list[Tensor] = []
+    def key(at_l, at_u):
+        return torch.where(at_u, 2, at_l.to(torch.int8)).to(torch.int8)
+
+    history = [key(at_l, at_u)]
+    z = torch.minimum(torch.maximum(z, S.lb), S.ub)
     for it in range(max_iter):
-        key = torch.where(at_u, 2, at_l.to(torch.int8)).to(torch.int8)
-        for old in history:
-            running &= (key != old).any(-1)
-        history = (history + [key])[-2:]
-        if it > 0 and not bool(running.any()):
-            break
-        z, g, lam_l, lam_u, res, z_raw = _reduced_solve(S, torch.minimum(torch.maximum(z, S.lb), S.ub), at_l, at_u,
-                                                        _PDAS_REFINE_STEPS)
-        iterations += running.to(torch.int64)
-        better = running & (res < best_res)
-        best_z, best_l, best_u = (_where_b(better, a, c) for a, c in ((z, best_z), (lam_l, best_l), (lam_u, best_u)))
-        best_res = torch.where(better, res, best_res)
-        running &= (best_res > tol) & g.sum(-1).isfinite()
+        z, g, lam_l, lam_u, res, z_raw = _reduced_solve(S, z, at_l, at_u, _PDAS_REFINE_STEPS)
+        if it == 0:
+            # (the first point is the best so far wherever its residual is finite; elsewhere best_res = inf
+            # and the point is never used)
+            best_z, best_l, best_u, best_res = z, lam_l, lam_u, res
+            iterations = torch.ones_like(res, dtype=torch.int64)
+            running = (best_res > tol) & g.sum(-1).isfinite()
+        else:
+            iterations += running.to(torch.int64)
+            better = running & (res < best_res)
+            best_z, best_l, best_u = (_where_b(better, a, c) for a, c in ((z, best_z), (lam_l, best_l), (lam_u, best_u)))
+            best_res = torch.where(better, res, best_res)
+            running &= (best_res > tol) & g.sum(-1).isfinite()
         y = torch.where(at_l | at_u, -g, 0.0)
         at_u = S.fu & (y + z_raw - S.up > 0)
         at_l = S.fl & (y + z_raw - S.lo < 0) & ~at_u
+        new = key(at_l, at_u)
+        for old in history:
+            running &= (new != old).any(-1)
+        history = (history + [new])[-2:]
+        if not bool(running.any()):
+            break
     return best_z, best_l, best_u, best_res, iterations
 
 
@@ -377,14 +387,19 @@ def solve_box_qp(
         return _solve_qpth(P, batch, dtype, tol, max_iter, box=True)
     if backend != "builtin":
         raise ValueError(f"unknown backend {backend!r}; use 'builtin' or 'qpth'")
-    # NaN/inf data make an element NUMERICAL (a cheap sum test, confirmed exactly where it fires)
-    bad = ~(Qf.sum((-2, -1)) + pf.sum(-1)).isfinite()
-    if bool(bad.any()):
-        bad = ~(_finite_rows(Qf) & _finite_rows(pf))
-    bad = bad | lo.isnan().any(-1) | up.isnan().any(-1)
-    infeasible = ~bad & ((lo > up) | (lo == torch.inf) | (up == -torch.inf)).any(-1)
-    skip = bad | infeasible
-    if bool(skip.any()):
+    # NaN/inf data make an element NUMERICAL, an empty box INFEASIBLE. One cheap screen first: it is exactly 0
+    # when the sums of Q and p are finite and lo - up <= 0 everywhere (NaN for NaN bounds, for -inf..-inf and
+    # +inf..+inf); the exact tests run only where it fires.
+    screen = (Qf.sum() + pf.sum()) * 0 + (lo - up).clamp(min=0).sum()
+    if bool(screen == 0):
+        bad = infeasible = skip = torch.zeros(B, dtype=torch.bool, device=device)
+    else:
+        bad = ~(Qf.sum((-2, -1)) + pf.sum(-1)).isfinite()
+        if bool(bad.any()):
+            bad = ~(_finite_rows(Qf) & _finite_rows(pf))
+        bad = bad | lo.isnan().any(-1) | up.isnan().any(-1)
+        infeasible = ~bad & ((lo > up) | (lo == torch.inf) | (up == -torch.inf)).any(-1)
+        skip = bad | infeasible
         Qf, pf = _where_b(skip, torch.zeros_like(Qf), Qf), _where_b(skip, torch.zeros_like(pf), pf)
         lo, up = _where_b(skip, torch.zeros_like(lo), lo), _where_b(skip, torch.zeros_like(up), up)
     has_l = lo.isfinite()
@@ -416,7 +431,7 @@ def solve_box_qp(
     # the solvers aim below tol: the returned point is clamped and re-evaluated, which can cost a
     # little (rounding)
     target = _TARGET * tol
-    if warm_start is not None:
+    if warm_start is not None and max_iter > 0:
         # active-set iterations from the previous answer (often right at once)
         lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
         z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
