@@ -106,9 +106,11 @@ class DenseBFGS:
         if not _acceptable(sy, s, y):
             return False
         rho = 1.0 / sy
-        Hy_s = torch.outer(Hy, s)
-        self.H = self.H - rho * (Hy_s + Hy_s.T) + (rho * rho * y.dot(Hy) + rho) * torch.outer(s, s)
-        self.H = 0.5 * (self.H + self.H.T)
+        # H - ρ (Hy sᵀ + s yᵀH) + (ρ² yᵀHy + ρ) s sᵀ, symmetrised, in three n×n buffers
+        outer = torch.outer(Hy, s)
+        H = torch.sub(self.H, (outer + outer.T).mul_(rho))
+        H += torch.outer(s, s, out=outer).mul_(rho * rho * y.dot(Hy) + rho)
+        self.H = (H + H.T).mul_(0.5)
         self.updates += 1
         self.version += 1
         return True
