@@ -171,7 +171,8 @@ def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_it
         else:
             iterations += running.to(torch.int64)
             better = running & (res < best_res)
-            best_z, best_l, best_u = (_where_b(better, a, c) for a, c in ((z, best_z), (lam_l, best_l), (lam_u, best_u)))
+            best_z, best_l, best_u = (_where_b(better, a, c)
+                                      for a, c in ((z, best_z), (lam_l, best_l), (lam_u, best_u)))
             best_res = torch.where(better, res, best_res)
             running &= (best_res > tol) & g.sum(-1).isfinite()
         y = torch.where(at_l | at_u, -g, 0.0)
