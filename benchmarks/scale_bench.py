@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=10, help="L-BFGS pairs k (default 10)")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--samples", type=int, default=256, help="training samples N of the network (256)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per case (5)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per case (10)")
     parser.add_argument("--skip", type=int, default=10, help="untimed iterations after the start (10)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of each floor timing (1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")

@@ -115,6 +115,10 @@ class DenseBFGS:
         self.version += 1
         return True
 
+    def defer(self, s: Tensor, y: Tensor) -> None:
+        """:meth:`update` now (the dense matrix has no pass over stored pairs to share, see :meth:`LBFGS.defer`)."""
+        self.update(s, y)
+
     def state_dict(self) -> dict:
         return {"H": self.H.clone(), "updates": self.updates}
 
@@ -127,9 +131,12 @@ class DenseBFGS:
 class LBFGS:
     """Limited-memory inverse BFGS: the last ``memory`` pairs, O(memory·n) storage, never an n×n matrix.
 
-    The pairs live in one (2·memory, n) buffer, ``s`` of slot j in row 2j and its ``y`` in row 2j + 1 (so that
-    ``W`` is one contiguous block), overwritten oldest first; ``order`` lists the slots oldest first, and
-    ``SᵀY``, ``YᵀY`` (slot-indexed) are updated with each pair.
+    The pairs live in one (2(memory + 1), n) buffer, ``s`` of slot j in row 2j and its ``y`` in row 2j + 1 (so that
+    ``W``, the rows up to the last slot in use, is one contiguous block); ``order`` lists the slots in use, oldest
+    first, and ``SᵀY``, ``YᵀY`` (slot-indexed) are updated with each pair. The slot beyond the memory is where a
+    pair given to :meth:`defer` waits: the next :meth:`sandwich` takes its products ``Wᵀs``, ``Wᵀy`` from the pass
+    over W that it makes anyway, instead of a pass of their own. Rows of slots not in use are zero or hold an
+    accepted pair (finite): their coefficients are zero.
     """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, memory: int, damping: float = 1e-4):
@@ -140,32 +147,44 @@ class LBFGS:
     def reset(self) -> None:
         self.version += 1
         self._W = None
-        self._stamps = [-1] * (2 * self.memory)   # when each buffer row was last written (``_writes`` then)
+        slots = self.memory + 1
+        self._stamps = [-1] * (2 * slots)   # when each buffer row was last written (``_writes`` then)
         self._writes = 0
-        self._kept = None                         # the last ``J W`` (see ``_known``)
-        self._SY = torch.zeros(self.memory, self.memory, dtype=self.dtype, device=self.device)
+        self._kept = None                   # the last ``J W`` (see ``_known``)
+        self._pending: int | None = None    # the slot of a deferred pair
+        self._SY = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
         self.order: list[int] = []
         self._slots = torch.zeros(0, dtype=torch.long, device=self.device)    # ``order`` as a tensor
-        self.updates = 0
+        self._updates = 0
+
+    @property
+    def updates(self) -> int:
+        """Pairs accepted since the last reset."""
+        self._flush()
+        return self._updates
 
     @property
     def S(self) -> list[Tensor]:
         """The steps, oldest first."""
+        self._flush()
         return [self._W[2 * i] for i in self.order]
 
     @property
     def Y(self) -> list[Tensor]:
         """The gradient differences, oldest first."""
+        self._flush()
         return [self._W[2 * i + 1] for i in self.order]
 
     @property
     def W(self) -> Tensor:
-        """(2k, n): the stored pairs, interleaved by slot."""
-        return self._W[:2 * len(self.order)]
+        """(2k, n): the buffer rows up to the last slot in use (with a deferred pair's), interleaved by slot."""
+        used = self.order + ([] if self._pending is None else [self._pending])
+        return self._W[:2 * (max(used) + 1)] if used else self._W[:0]
 
     def _coefficients(self, WtV: Tensor) -> tuple[Tensor, Tensor]:
-        """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved) given ``WᵀV`` (2k, r)."""
+        """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved, zero for slots not in use) given
+        ``WᵀV`` (2k, r)."""
         slots = self._slots
         SY = self._SY[slots[:, None], slots]
         YY = self._YY[slots[:, None], slots]
@@ -175,13 +194,14 @@ class LBFGS:
         a = torch.linalg.solve_triangular(R, WtV[0::2][slots], upper=True)
         z = torch.diag(SY)[:, None] * a - gamma * (WtV[1::2][slots] - YY @ a)
         c = torch.linalg.solve_triangular(R.mT, z, upper=False)
-        X = torch.empty_like(WtV)
+        X = torch.zeros_like(WtV)
         X[2 * slots] = c
         X[2 * slots + 1] = -gamma * a
         return gamma, X
 
     def apply(self, V: Tensor) -> Tensor:
         """``H V = γ V + S c − γ Y a``, all columns of ``V`` at once."""
+        self._flush()
         if not self.order:
             return V.clone()
         W = self.W
@@ -190,14 +210,20 @@ class LBFGS:
 
     def sandwich(self, J, g: Tensor) -> Sandwich:
         """``J H Jᵀ = γ J Jᵀ + (J W) X_J`` and ``J H g = γ J g + (J W) X_g``, X the coefficients of ``H [Jᵀ g]``;
-        the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last)."""
-        if not self.order:
+        the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last). A deferred pair
+        joins first, its products from the same pass."""
+        if self._pending is not None and not self.order:
+            self._flush()               # the first pair: nothing to share
+        if not self.order and self._pending is None:
             G, Jg, _ = J.gram_and_times([g[None]])
             return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
         W = self.W
-        # one pass: J Jᵀ, J W, J g, Wᵀg (but not the part of J W known from the last sandwich)
-        G, JV, gV = J.gram_and_times([W, g[None]], left=g[None], known=self._known(J))
-        JW, Jg, Wg = JV[:, :-1], JV[:, -1], gV[0, :-1]
+        left = [g[None]] if self._pending is None else [g[None], self._W[2 * self._pending:2 * self._pending + 2]]
+        # one pass: J Jᵀ, J W, J g, Wᵀg (and Wᵀs, Wᵀy of a deferred pair), but not the part of J W known already
+        G, JV, LV = J.gram_and_times([W, g[None]], left=left, known=self._known(J))
+        if self._pending is not None and not self._join(LV[1, :-1], LV[2, :-1]):
+            return self.sandwich(J, g)     # damped or skipped: the pair is settled on its own, then a fresh pass
+        JW, Jg, Wg = JV[:, :-1], JV[:, -1], LV[0, :-1]
         self._kept = ([weakref.ref(B) for B in J.blocks], JW[J.dense_rows], list(self._stamps[:len(W)]))
         gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
@@ -226,48 +252,91 @@ class LBFGS:
         return K, blocks, torch.tensor(columns, device=DW.device)
 
     def update(self, s: Tensor, y: Tensor) -> bool:
-        """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it)."""
+        """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it). Returns whether the pair
+        was kept."""
+        self._flush()
         if self.order:
-            Wy = self.W @ y
+            W = self.W
+            Wy = W @ y
             gamma, X = self._coefficients(Wy[:, None])
             yHy = gamma * y.dot(y) + Wy.dot(X[:, 0])
-            s, sy = _damp(s, y, yHy, lambda: gamma * y + self.W.T @ X[:, 0], self.damping)
+            s, sy = _damp(s, y, yHy, lambda: gamma * y + W.T @ X[:, 0], self.damping)
         else:
             Wy = None
             s, sy = _damp(s, y, y.dot(y), lambda: y, self.damping)
         if not _acceptable(sy, s, y):
             return False
-        self._append(s, y, sy, Wy)
-        self.updates += 1
-        self.version += 1
+        slot = self._write(s, y)
+        W = self._W[:2 * (max(self.order + [slot]) + 1)]
+        Ys = W[1::2] @ s                                  # [yᵢᵀs]ᵢ
+        # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
+        Wy = torch.cat([Wy, s.new_zeros(len(W) - len(Wy))]) if Wy is not None else s.new_zeros(len(W))
+        Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
+        self._accept(slot, Ys, Wy)
         return True
 
-    def _append(self, s: Tensor, y: Tensor, sy: Tensor, Wy: Tensor | None) -> None:
-        """Store the pair in the oldest slot (or a free one) and update ``SᵀY``, ``YᵀY``; ``Wy``: ``Wᵀy`` before
-        the pair was stored (None: no pairs yet)."""
+    def defer(self, s: Tensor, y: Tensor) -> None:
+        """:meth:`update` with the pair (s, y), done when ``H`` is next used: by :meth:`sandwich` from its own pass
+        over W when no damping is needed (at large n a pass over W costs as much as the rest of the update)."""
+        self._flush()
+        self._pending = self._write(s, y)
+        self.version += 1
+
+    def _flush(self) -> None:
+        """Settle a deferred pair with :meth:`update`."""
+        if self._pending is not None:
+            slot, self._pending = self._pending, None
+            s, y = self._W[2 * slot].clone(), self._W[2 * slot + 1].clone()
+            self._W[2 * slot:2 * slot + 2] = 0.0
+            self.update(s, y)
+
+    def _join(self, Ws: Tensor, Wy: Tensor) -> bool:
+        """Accept the deferred pair from ``Wᵀs`` and ``Wᵀy`` (W with the pair); False, the pair still deferred, when
+        it needs damping or is not acceptable (``_flush`` decides then)."""
+        slot = self._pending
+        sy, yy, ss = Wy[2 * slot], Wy[2 * slot + 1], Ws[2 * slot]
+        yHy = yy
+        if self.order:
+            gamma, X = self._coefficients(Wy[:, None])
+            yHy = gamma * yy + Wy.dot(X[:, 0])
+        scale = torch.sqrt(ss * yy)
+        if not bool((sy >= self.damping * yHy) & torch.isfinite(sy) & torch.isfinite(scale) & (sy > 1e-14 * scale)):
+            self._flush()
+            return False
+        self._pending = None
+        self._accept(slot, Ws[1::2], Wy)
+        return True
+
+    def _write(self, s: Tensor, y: Tensor) -> int:
+        """Store the pair in a slot not in use (the oldest stays until the new pair is accepted); returns the slot."""
         if self._W is None:
-            self._W = torch.empty(2 * self.memory, self.n, dtype=self.dtype, device=self.device)
-        slot = len(self.order) if len(self.order) < self.memory else self.order.pop(0)
+            self._W = torch.zeros(2 * (self.memory + 1), self.n, dtype=self.dtype, device=self.device)
+        slot = next(j for j in range(self.memory + 1) if j not in self.order)
         self._W[2 * slot], self._W[2 * slot + 1] = s, y
         self._writes += 1
         self._stamps[2 * slot] = self._stamps[2 * slot + 1] = self._writes
-        self.order.append(slot)
-        self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
-        k = len(self.order)
-        W = self._W[:2 * k]
-        Ys = W[1::2] @ s                             # [yᵢᵀs]ᵢ
-        # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
-        Wy = torch.cat([Wy, s.new_zeros(2 * k - len(Wy))]) if Wy is not None else s.new_zeros(2)
-        Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
+        return slot
+
+    def _accept(self, slot: int, Ys: Tensor, Wy: Tensor) -> None:
+        """Put the stored pair of ``slot`` last in ``order`` (dropping the oldest when full) and update ``SᵀY``,
+        ``YᵀY`` from ``Ys = [yᵢᵀs]ᵢ`` and ``Wy = [sᵢᵀy, yᵢᵀy]ᵢ`` (slot-indexed, the pair's own entries included)."""
+        k = len(Ys)
         self._SY[slot, :k] = Ys
         self._SY[:k, slot] = Wy[0::2]
         self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
+        if len(self.order) == self.memory:
+            self.order.pop(0)
+        self.order.append(slot)
+        self._slots = torch.tensor(self.order, dtype=torch.long, device=self.device)
+        self._updates += 1
+        self.version += 1
 
     def state_dict(self) -> dict:
         """The pairs oldest first, their buffer slots and ``SᵀY``, ``YᵀY`` (oldest first), so that a loaded
         operator computes exactly what this one does."""
+        self._flush()
         slots = self._slots
-        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self.updates,
+        return {"S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y], "updates": self._updates,
                 "slots": slots, "SY": self._SY[slots[:, None], slots].clone(),
                 "YY": self._YY[slots[:, None], slots].clone()}
 
@@ -275,14 +344,14 @@ class LBFGS:
         self.reset()
         work = dict(dtype=self.dtype, device=self.device)
         if state["S"]:
-            self._W = torch.empty(2 * self.memory, self.n, **work)
+            self._W = torch.zeros(2 * (self.memory + 1), self.n, **work)
         for slot, s, y in zip(state["slots"].tolist(), state["S"], state["Y"]):
             self._W[2 * slot], self._W[2 * slot + 1] = s.to(**work), y.to(**work)
             self.order.append(slot)
         slots = self._slots = state["slots"].to(self.device)
         self._SY[slots[:, None], slots] = state["SY"].to(**work)
         self._YY[slots[:, None], slots] = state["YY"].to(**work)
-        self.updates = int(state["updates"])
+        self._updates = int(state["updates"])
         self.version += 1
 
 

@@ -135,11 +135,11 @@ class Jacobian:
         w_dense = w[self.dense_rows].to(_WORK)
         weighted = (w_dense != 0).flatten(1).any(dim=1).tolist() if w.dim() > 1 else (w_dense != 0).tolist()
         for B, (start, stop) in zip(self.blocks, self._spans()):
-            rows = [i for i in range(stop - start) if weighted[start + i]]
-            if len(rows) == stop - start or B.numel() <= _SMALL:
+            if B.numel() <= _SMALL or all(weighted[start:stop]):
                 _add_transposed_times(out, B, w_dense[start:stop])
-            elif rows:      # some rows of a large block: only they are read
-                _add_transposed_times(out, B[rows], w_dense[start:stop][rows])
+                continue
+            for a, b in _true_runs(weighted[start:stop]):      # the weighted rows of a large block, as views
+                _add_transposed_times(out, B[a:b], w_dense[start + a:start + b])
         return out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
 
     def gram(self) -> Tensor:
@@ -148,17 +148,17 @@ class Jacobian:
             self.gram_and_times([])
         return self._gram
 
-    def gram_and_times(self, rows: list[Tensor], left: Tensor | None = None,
+    def gram_and_times(self, rows: list[Tensor], left: list[Tensor] | None = None,
                        known: tuple[Tensor, list[bool], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(J Jᵀ, J Vᵀ, L Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all) and extra rows ``L``
-        (e, n) (none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls).
+        """``(J Jᵀ, J Vᵀ, L Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all) and ``L`` the row blocks
+        of ``left`` stacked ((e, n), none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls).
 
         Products known already are not recomputed: the part of ``J Jᵀ`` between blocks shared with the previous
         Jacobian (``share_unchanged``), and with ``known = (K, blocks, columns)`` the entries of the dense rows'
         ``D Vᵀ`` in the blocks flagged in ``blocks`` and the columns flagged in ``columns`` (k,), taken from K (r, k).
         """
         V = [R.to(_WORK) for R in rows]
-        L = [] if left is None else [left.to(_WORK)]
+        L = [R.to(_WORK) for R in left or []]
         spans, every = self._spans(), range(len(self.blocks))
         fresh = [i for i in every if known is None or not known[1][i]]
         kept = [i for i in every if i not in fresh]
@@ -345,24 +345,28 @@ def _products(pairs: list[tuple[list[Tensor], list[Tensor]]], like: Tensor) -> l
 
 def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device: torch.device) -> None:
     """The products of :func:`_products` when every one has a side of at most ``_THIN`` rows (matrix-vector
-    like) and all data is float64: straight from the data, over column slices wide enough for few calls and
-    narrow enough that a block used by several products is read from memory once (a copy costs more here)."""
+    like) and all data is float64: over column slices wide enough for few calls, the thin side copied into a
+    small buffer and the other side's blocks used in place, each read from memory once per slice."""
     n = live[0][1][0].shape[1]
     width = _entries(_THIN_SLICE, device)
     products = []
     for out, L, R in live:
-        rows = [0]
-        for M in L:
-            rows.append(rows[-1] + len(M))
-        columns = [0]
-        for M in R:
-            columns.append(columns[-1] + len(M))
-        products += [(out[a:b, c:d], A, B) for A, a, b in zip(L, rows, rows[1:]) if len(A)
-                     for B, c, d in zip(R, columns, columns[1:]) if len(B)]
+        swap = sum(len(M) for M in L) > sum(len(M) for M in R)       # thin side first: (out, thin, fat)
+        products.append((out.T if swap else out, R if swap else L, L if swap else R))
+    rows = max(sum(len(M) for M in thin) for _, thin, _ in products)
+    buffer = live[0][0].new_empty(rows, min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
-        for out, A, B in products:
-            out.addmm_(A[:, cols], B[:, cols].T)
+        for out, thin, fat in products:
+            block, row = buffer[:, :min(width, n - start)], 0
+            for M in thin:
+                block[row:row + len(M)].copy_(M[:, cols])
+                row += len(M)
+            column = 0
+            for M in fat:
+                if len(M):
+                    out[:, column:column + len(M)].addmm_(block[:row], M[:, cols].T)
+                column += len(M)
 
 
 def _runs(group: list[Tensor], distinct: dict) -> list[tuple[int, int, int, int]]:
@@ -376,6 +380,18 @@ def _runs(group: list[Tensor], distinct: dict) -> list[tuple[int, int, int, int]
         else:
             runs.append((row, row + len(M), at, at + len(M)))
         row += len(M)
+    return runs
+
+
+def _true_runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """The (start, stop) of each run of True in ``flags``."""
+    runs, start = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
     return runs
 
 

@@ -78,7 +78,8 @@ class _Point:
         """``J H Jᵀ``, ``J H ∇f`` (and the step of a dual solution) of the penalty QP, computed once per point and
         ``H.version``."""
         if self._sandwich is None or self._sandwich[0] is not H or self._sandwich[1] != H.version:
-            self._sandwich = (H, H.version, H.sandwich(self.jacobian(), self.g))
+            sandwich = H.sandwich(self.jacobian(), self.g)      # (which may settle a deferred update: H.version after)
+            self._sandwich = (H, H.version, sandwich)
         return self._sandwich[2]
 
     def violation_gradient(self, p: int) -> Tensor:
@@ -312,11 +313,12 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                              "float32/float64 or bf16, or a first-order optimizer such as co.AugmentedLagrangian")
         st = self._state
         x_now = self._flat.get().to(_WORK)
-        if "x" in st and torch.equal(x_now, st["x"]) and st["certificate"].status.terminal:
+        moved = "x" not in st or not torch.equal(x_now, st["x"])     # by the user: a restart there
+        if not moved and st["certificate"].status.terminal:
             with torch.enable_grad():
                 return closure()
         try:
-            if "x" not in st or not torch.equal(x_now, st["x"]):
+            if moved:
                 self._start(closure, x_now)
             else:
                 if "point" not in st:      # resumed from a state_dict: rebuild f, ∇f, c at the saved point
@@ -386,10 +388,11 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
-            y = mu * (trial.g - point.g) + trial.jacobian().rmatmul_change(point.jacobian(), y_dual)
-            H.update(trial.x - point.x, y)
+            y = trial.jacobian().rmatmul_change(point.jacobian(), y_dual).add_(trial.g - point.g, alpha=mu)
+            s = trial.x - point.x
+            H.defer(s, y)
             st["iteration"] += 1
-            step, size = float((trial.x - point.x).abs().max()), max(1.0, point.x_inf)
+            step, size = float(s.abs().max()), max(1.0, point.x_inf)
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
             # with steps at least as long as x itself
             diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
@@ -666,9 +669,10 @@ def _check_state_dict(state_dict, n: int, group_sizes: list[int], memory: int | 
 
 
 def _lbfgs_state_ok(H: dict, n: int, memory: int) -> bool:
-    """The saved L-BFGS state has k <= memory pairs of length n, their slots and k × k ``SᵀY``, ``YᵀY``."""
+    """The saved L-BFGS state has k <= memory pairs of length n, their slots (of memory + 1) and k × k ``SᵀY``,
+    ``YᵀY``."""
     S, Y, slots = H.get("S", []), H.get("Y", []), H.get("slots")
     k = len(S)
     return (len(Y) == k <= memory and all(isinstance(v, Tensor) and v.shape == (n,) for v in S + Y)
-            and isinstance(slots, Tensor) and slots.shape == (k,) and bool(((slots >= 0) & (slots < memory)).all())
+            and isinstance(slots, Tensor) and slots.shape == (k,) and bool(((slots >= 0) & (slots <= memory)).all())
             and all(isinstance(H.get(key), Tensor) and H[key].shape == (k, k) for key in ("SY", "YY")))

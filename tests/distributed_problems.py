@@ -112,24 +112,23 @@ def reduced_values(rank: int):
     return values_at_start(X, model(), Reducer())
 
 
-def init(rank: int, port: int) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+def init(rank: int, rendezvous: str) -> None:
+    """Join the group through a file store (no rank hosts it: with a TCP store on rank 0, a rank 0 that left
+    first aborted the other rank's last store access once in ten to twenty runs)."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD,
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
                                          timeout=datetime.timedelta(seconds=30))
 
 
 def finish() -> None:
-    """Wait for the other rank before tearing down (rank 0 hosts the rendezvous store: leaving first can
-    abort the other rank's last store access)."""
+    """Wait for the other rank before tearing down."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def worker(rank: int, port: int, out_dir: str, kinds: list[str]) -> None:
+def worker(rank: int, rendezvous: str, out_dir: str, kinds: list[str]) -> None:
     """Each kind under DDP on this rank's shard; results to ``out_dir/rank{r}.pt``."""
-    init(rank, port)
+    init(rank, rendezvous)
     results = {}
     try:
         for kind in kinds:
@@ -144,9 +143,9 @@ def worker(rank: int, port: int, out_dir: str, kinds: list[str]) -> None:
         finish()
 
 
-def unsynced_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
+def unsynced_worker(rank: int, rendezvous: str, out_dir: str, kind: str) -> None:
     """A model NOT wrapped in DDP: gradients differ between ranks, and the optimizer must say so."""
-    init(rank, port)
+    init(rank, rendezvous)
     try:
         X, y = shard(rank)
         lin = model()
@@ -161,9 +160,9 @@ def unsynced_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
         finish()
 
 
-def failing_worker(rank: int, port: int, out_dir: str) -> None:
+def failing_worker(rank: int, rendezvous: str, out_dir: str) -> None:
     """Rank 1's closure raises in the middle of a run; rank 0 waits in a collective."""
-    init(rank, port)
+    init(rank, rendezvous)
     X, y = shard(rank)
     lin = model()
     ddp = torch.nn.parallel.DistributedDataParallel(lin)

@@ -6,7 +6,8 @@ data (see ``distributed_problems.py`` for the problems). One spawn runs all opti
 end the run with an error, not a hang.
 """
 import math
-import socket
+import os
+import tempfile
 import time
 
 import pytest
@@ -19,16 +20,18 @@ import distributed_problems as dp
 KINDS = ["sqp", "alm", "alm_fused", "penalty", "pgd", "local"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous() -> str:
+    """A fresh path for the file store of one spawned group (the file must not exist yet)."""
+    handle, path = tempfile.mkstemp(prefix="co_ddp_")
+    os.close(handle)
+    os.remove(path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(dp.worker, args=(_port(), str(out), KINDS), nprocs=dp.WORLD)
+    mp.spawn(dp.worker, args=(_rendezvous(), str(out), KINDS), nprocs=dp.WORLD)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(dp.WORLD)]
 
 
@@ -86,7 +89,7 @@ def test_process_group_false_communicates_nothing(ranks):
 
 @pytest.mark.parametrize("kind", ["sqp", "alm"])
 def test_unsynchronized_gradients_are_an_error_on_every_rank(tmp_path, kind):
-    mp.spawn(dp.unsynced_worker, args=(_port(), str(tmp_path), kind), nprocs=dp.WORLD)
+    mp.spawn(dp.unsynced_worker, args=(_rendezvous(), str(tmp_path), kind), nprocs=dp.WORLD)
     for r in range(dp.WORLD):
         message = (tmp_path / f"rank{r}.txt").read_text()
         assert "differ between the 2 ranks" in message and "DistributedDataParallel" in message, message
@@ -95,7 +98,7 @@ def test_unsynchronized_gradients_are_an_error_on_every_rank(tmp_path, kind):
 def test_a_failing_rank_ends_the_run_without_a_hang(tmp_path):
     start = time.perf_counter()
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
-        mp.spawn(dp.failing_worker, args=(_port(), str(tmp_path)), nprocs=dp.WORLD)
+        mp.spawn(dp.failing_worker, args=(_rendezvous(), str(tmp_path)), nprocs=dp.WORLD)
     assert time.perf_counter() - start < 60
 
 

@@ -200,3 +200,34 @@ def test_reset_and_state_dict_round_trip(kind):
     assert torch.equal(_matrix(H2, n), _matrix(H, n))
     H.reset()
     assert H.updates == 0 and torch.equal(_matrix(H, n), torch.eye(n, dtype=F64))
+
+
+def test_deferred_pairs_join_at_the_next_sandwich_as_updates_would():
+    # a pair deferred to the sandwich (its Wᵀs, Wᵀy from the sandwich's pass) gives the operator of update():
+    # plain pairs, a pair that needs damping (negative curvature), a pair that is skipped (NaN), past the memory
+    from constrained_optim.jacobian import Jacobian
+    n, m = 9, 3
+    gen = torch.Generator().manual_seed(11)
+    A, pairs = _pairs(n, 7, seed=12)
+    s_neg = torch.randn(n, generator=gen, dtype=F64)
+    pairs.insert(3, (s_neg, -0.5 * s_neg))
+    pairs.insert(5, (torch.full((n,), float("nan"), dtype=F64), torch.ones(n, dtype=F64)))
+    eager, lazy = LBFGS(n, F64, CPU, memory=3), LBFGS(n, F64, CPU, memory=3)
+    J = Jacobian.from_dense(torch.randn(m, n, generator=gen, dtype=F64))
+    for s, y in pairs:
+        g = torch.randn(n, generator=gen, dtype=F64)
+        eager.update(s, y)
+        lazy.defer(s, y)
+        first, second = eager.sandwich(J, g), lazy.sandwich(J, g)
+        assert lazy._pending is None and lazy.order == eager.order and lazy._updates == eager._updates
+        assert torch.allclose(second.M, first.M, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(second.JHg, first.JHg, rtol=1e-12, atol=1e-12)
+        w = torch.randn(m, generator=gen, dtype=F64)
+        assert torch.allclose(second.direction(0.7, w), first.direction(0.7, w), rtol=1e-12, atol=1e-12)
+    assert eager.updates == 8                    # of 9: the NaN pair was skipped, the others kept (one damped)
+    assert torch.allclose(_matrix(lazy, n), _matrix(eager, n), rtol=1e-12, atol=1e-12)
+    # a pair still deferred is settled by any other use
+    lazy.defer(*pairs[0])
+    eager.update(*pairs[0])
+    assert torch.allclose(_matrix(lazy, n), _matrix(eager, n), rtol=1e-12, atol=1e-12)
+    assert lazy.state_dict()["slots"].tolist() == lazy.order

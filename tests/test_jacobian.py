@@ -35,7 +35,7 @@ def test_products_match_the_dense_matrix(dtype):
     assert torch.allclose(J @ v, dense @ v, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J @ V, dense @ V, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J.T @ w, dense.T @ w, rtol=1e-13, atol=1e-13)
-    G, JVt, vVt = J.gram_and_times([V.T[:3], v[None]], left=v[None])
+    G, JVt, vVt = J.gram_and_times([V.T[:3], v[None]], left=[v[None]])
     assert torch.allclose(G, dense @ dense.T, rtol=1e-13, atol=1e-13)
     assert torch.allclose(JVt, dense @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13, atol=1e-13)
     assert torch.allclose(vVt, v @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13)
@@ -120,7 +120,7 @@ def test_shared_blocks_and_known_products_equal_fresh_ones():
     gen = torch.Generator().manual_seed(3)
     previous, _ = _two_blocks(n, gen)
     W, g = torch.randn(4, n, generator=gen, dtype=F64), torch.randn(1, n, generator=gen, dtype=F64)
-    previous.gram_and_times([W, g], left=g)
+    previous.gram_and_times([W, g], left=[g])
     J, dense = _two_blocks(n, gen, first=previous.blocks[0].clone())     # a linear constraint: equal rows
     J.share_unchanged(previous)
     assert J.blocks[0] is previous.blocks[0] and J.shared == [True, False]
@@ -129,7 +129,7 @@ def test_shared_blocks_and_known_products_equal_fresh_ones():
     K = torch.full((4, 5), float("nan"), dtype=F64)
     K[:3, :3] = dense[:3] @ W2[:3].T
     known = (K, [True, False], torch.tensor([True, True, True, False, False]))
-    G, JVt, gVt = J.gram_and_times([W2, g], left=g, known=known)
+    G, JVt, gVt = J.gram_and_times([W2, g], left=[g], known=known)
     V = torch.cat([W2, g])
     assert torch.allclose(G, dense @ dense.T, rtol=1e-12, atol=1e-9)
     assert torch.allclose(JVt, dense @ V.T, rtol=1e-12, atol=1e-9)
