@@ -97,7 +97,7 @@ class _Point:
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.f) and bool(torch.isfinite(self.g).all()) and bool(torch.isfinite(self.c).all())
+        return math.isfinite(self.f) and _all_finite(self.g) and _all_finite(self.c)
 
     @property
     def jacobian_finite(self) -> bool:
@@ -553,6 +553,12 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _measure_ok(self, meas) -> bool:
         return meas.solved and meas.stationarity <= self._tol_opt and meas.complementarity <= self._tol_opt
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Every entry is finite: a finite sum says so in one cheap reduction (a NaN or ±inf entry makes the sum
+    NaN or ±inf); only when the sum is not finite (or overflows) are the entries checked."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _warn_if_many_rows(values: ConstraintValues) -> None:
