@@ -17,7 +17,13 @@ The products the SQP needs, without a dense bound row and without autograd:
 
 ``J Jᵀ`` comes with ``J Vᵀ`` (and ``L Vᵀ`` for a few extra rows L) from one pass over column slices of
 ``[D; L; V]`` copied into a small float64 buffer: the L-BFGS needs ``J Jᵀ``, ``J W``, ``J ∇f`` and ``Wᵀ∇f``
-together. Every result is float64; products with a dense part of another dtype (float32 parameters)
+together. At large n, products whose one side has a few rows (matrix-vector like) skip the copy of the other.
+
+Rows that did not change: the Jacobian at a trial point takes over the blocks of the current point's that are
+bit for bit the same (``share_unchanged``: constraints linear in x). A shared block is stored once; its part of
+``J Jᵀ`` is the previous one, ``(J − J')ᵀw`` skips it, its norms are the previous ones, and a caller that keys
+products on the block's identity (the L-BFGS ``J W`` of the pairs already stored) reuses them. ``Jᵀw`` reads
+only the rows of a large block whose weight is nonzero. Every result is float64; products with a dense part of another dtype (float32 parameters)
 accumulate in float64 over such slices, so no float64 copy of ``D`` is made. ``J Jᵀ`` and the row norms are
 computed once per point and kept.
 """
@@ -151,7 +157,8 @@ class Jacobian:
     def gram_and_times(self, rows: list[Tensor], left: list[Tensor] | None = None,
                        known: tuple[Tensor, list[bool], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(J Jᵀ, J Vᵀ, L Vᵀ)`` for ``V`` the given row blocks stacked ((k, n) in all) and ``L`` the row blocks
-        of ``left`` stacked ((e, n), none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for later calls).
+        of ``left`` stacked ((e, n), none by default), in one pass over the dense rows and V (``J Jᵀ`` is kept for
+        later calls).
 
         Products known already are not recomputed: the part of ``J Jᵀ`` between blocks shared with the previous
         Jacobian (``share_unchanged``), and with ``known = (K, blocks, columns)`` the entries of the dense rows'
@@ -221,7 +228,8 @@ class Jacobian:
     def row_norms(self) -> Tensor:
         """``‖∇c_i‖₂`` (m,), computed once (1 for bound rows)."""
         if self._norms is None:
-            self._norms = self._per_row(self._per_block(self._block_norms, lambda B: torch.linalg.vector_norm(B, dim=1)))
+            self._norms = self._per_row(self._per_block(self._block_norms,
+                                                        lambda B: torch.linalg.vector_norm(B, dim=1)))
         return self._norms
 
     def row_amax(self) -> Tensor:
@@ -271,12 +279,6 @@ class _Transposed:
 
 def _signed(signs: Tensor, values: Tensor) -> Tensor:
     return signs.reshape((-1,) + (1,) * (values.dim() - 1)) * values
-
-
-def _column_slices(D: Tensor):
-    """Column slices of D of about ``_BLOCK`` entries (all of D when it is small)."""
-    width = max(1, _entries(_BLOCK, D.device) // max(len(D), 1))
-    return [slice(start, start + width) for start in range(0, D.shape[1], width)]
 
 
 def _column_blocks(D: Tensor):
@@ -370,8 +372,8 @@ def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device
 
 
 def _runs(group: list[Tensor], distinct: dict) -> list[tuple[int, int, int, int]]:
-    """``group``'s rows as runs adjacent in the buffer: (first, last) row in the stacked group, (first, last) row in
-    the buffer (one run in the usual case)."""
+    """``group``'s rows as runs adjacent in the buffer: (start, stop) in the stacked group, (start, stop) in the
+    buffer (one run in the usual case)."""
     runs, row = [], 0
     for M in group:
         at = distinct[id(M)][1]
