@@ -124,6 +124,10 @@ def run_ours(problem, max_iter: int) -> dict:
 def run_pygranso(problem, max_iter: int, time_limit: float) -> dict:
     pygranso, Struct = _import_pygranso()
     problem.reset()
+    # PyGRANSO draws random directions from torch's global generator when its line search fails: seeded here,
+    # its run does not depend on what ran before (unseeded, orthogonality took 91 iterations in one run and
+    # hit the time limit after 275 in another)
+    torch.manual_seed(0)
     model = problem.model
     constraints = canonical(problem.constraints)
 
