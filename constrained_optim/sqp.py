@@ -419,10 +419,15 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         if t0 != 1.0:
             return weak_wolfe(evaluate_at, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"], t0=t0)
         full = evaluate_at(1.0)
+        linear = None
         if point.c.numel() and not full[0] <= phi0 + c1 * g0 and full[2].finite:
+            linear = point.c + point.jacobian() @ d             # the QP's linear model of c at x + d
+        # a correction brings c back to that model and leaves f nearly as it is: it can only help where the step
+        # failed for its violation, μ f(x + d) + v(c + J d) <= target (not where f itself rose, at a kink of f)
+        if linear is not None and mu * full[2].f + float(violation(linear, self._state["p"])) <= phi0 + c1 * g0:
             corrected = full[2]
             for k in range(_CORRECTIONS):
-                corrected = self._second_order_correction(closure, point, d, corrected)
+                corrected = self._second_order_correction(closure, point, linear, corrected)
                 if corrected is None:
                     break
                 if self._phi(corrected, mu) <= phi0 + c1 * g0:
@@ -434,21 +439,20 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             return full if t == 1.0 else evaluate_at(t)
         return weak_wolfe(evaluate, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"])
 
-    def _second_order_correction(self, closure, point: _Point, d: Tensor, trial: _Point) -> _Point | None:
+    def _second_order_correction(self, closure, point: _Point, linear: Tensor, trial: _Point) -> _Point | None:
         """Evaluate x̃ + d_c, where x̃ is the trial point (x + d, or an earlier corrected point) and
         d_c = −J_aᵀ (J_a J_aᵀ)⁻¹ r is the least-norm step that brings the rows a the violation depends on
-        (equalities, violated inequalities) back to the QP's linear model at x:
+        (equalities, violated inequalities) back to the QP's linear model at x, ``linear`` = c + J d:
         r = c_a(x̃) − target, target = c + J d (equalities), max(c + J d, 0) (inequalities)."""
         p = self._state["p"]
         J = point.jacobian()
-        linear = point.c + J @ d
         target = torch.cat([linear[:p].clamp(min=0), linear[p:]])
         rows = torch.cat([trial.c[:p] > 0, torch.ones_like(trial.c[p:], dtype=torch.bool)])
         if not bool(rows.any()):
             return None
         r = (trial.c - target)[rows]
         gram = J.gram()[rows][:, rows]                      # J_a J_aᵀ
-        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=d.device)
+        gram = gram + 1e-12 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=_WORK, device=r.device)
         L, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             return None

@@ -329,3 +329,56 @@ def test_rows_of_linear_constraints_are_shared_between_points_without_changing_t
     assert float((path - fresh_path).abs().max()) <= tol
     assert cert.status == fresh_cert.status and abs(cert.objective - fresh_cert.objective) <= tol * 1e-4
     assert float((path[-1] - path[-2]).abs().max()) > 1e-3      # still moving: the products mattered
+
+
+def _count_corrections(monkeypatch):
+    calls = []
+    correct = co.ConstrainedSQP._second_order_correction
+
+    def spy(self, closure, point, linear, trial):
+        out = correct(self, closure, point, linear, trial)
+        calls.append(out is not None and self._phi(out, self._state["mu"]) <= self._phi(point, self._state["mu"]))
+        return out
+    monkeypatch.setattr(co.ConstrainedSQP, "_second_order_correction", spy)
+    return calls
+
+
+def test_second_order_corrections_remove_the_maratos_effect(monkeypatch):
+    # Powell's example: min 2(x₁² + x₂² − 1) − x₁ s.t. x₁² + x₂² = 1 (x* = (1, 0)); near x* the full SQP step
+    # raises the violation by second-order terms, and the correction is what lets it be taken
+    calls = _count_corrections(monkeypatch)
+    x = torch.tensor([math.cos(0.3), math.sin(0.3)], dtype=F64, requires_grad=True)
+    opt = co.ConstrainedSQP([x], [co.eq(lambda: (x ** 2).sum() - 1, name="circle")])
+
+    def closure():
+        opt.zero_grad()
+        loss = 2 * ((x ** 2).sum() - 1) - x[0]
+        loss.backward()
+        return loss
+    for _ in range(30):
+        opt.step(closure)
+        if opt.certificate.status.terminal:
+            break
+    assert opt.certificate.converged
+    assert torch.allclose(x.detach(), torch.tensor([1.0, 0.0], dtype=F64), atol=1e-7)
+    assert any(calls)                 # a correction was tried and taken
+
+
+def test_no_corrections_where_the_objective_itself_rejects_the_step(monkeypatch):
+    # a kink of f (|·|) with a linear constraint: the full step keeps c on its linear model, so a correction
+    # cannot help and is not tried (each try would cost an evaluation)
+    calls = _count_corrections(monkeypatch)
+    x = torch.tensor([0.9, -0.4, 0.3], dtype=F64, requires_grad=True)
+    opt = co.ConstrainedSQP([x], [co.eq(lambda: x.sum() - 1, name="sum")])
+
+    def closure():
+        opt.zero_grad()
+        loss = x.abs().sum() + 0.5 * (x ** 2).sum()
+        loss.backward()
+        return loss
+    for _ in range(200):
+        opt.step(closure)
+        if opt.certificate.status.terminal:
+            break
+    assert calls == []
+    assert abs(float(x.detach().abs().sum() + 0.5 * (x.detach() ** 2).sum()) - (1 + 0.5 / 3)) <= 1e-7
