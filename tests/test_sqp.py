@@ -348,18 +348,8 @@ def test_second_order_corrections_remove_the_maratos_effect(monkeypatch):
     # raises the violation by second-order terms, and the correction is what lets it be taken
     calls = _count_corrections(monkeypatch)
     x = torch.tensor([math.cos(0.3), math.sin(0.3)], dtype=F64, requires_grad=True)
-    opt = co.ConstrainedSQP([x], [co.eq(lambda: (x ** 2).sum() - 1, name="circle")])
-
-    def closure():
-        opt.zero_grad()
-        loss = 2 * ((x ** 2).sum() - 1) - x[0]
-        loss.backward()
-        return loss
-    for _ in range(30):
-        opt.step(closure)
-        if opt.certificate.status.terminal:
-            break
-    assert opt.certificate.converged
+    res = _run(lambda x: 2 * ((x ** 2).sum() - 1) - x[0], x, [co.eq(lambda: (x ** 2).sum() - 1, name="circle")])
+    assert res.status is co.Status.CONVERGED
     assert torch.allclose(x.detach(), torch.tensor([1.0, 0.0], dtype=F64), atol=1e-7)
     assert any(calls)                 # a correction was tried and taken
 
@@ -369,16 +359,6 @@ def test_no_corrections_where_the_objective_itself_rejects_the_step(monkeypatch)
     # cannot help and is not tried (each try would cost an evaluation)
     calls = _count_corrections(monkeypatch)
     x = torch.tensor([0.9, -0.4, 0.3], dtype=F64, requires_grad=True)
-    opt = co.ConstrainedSQP([x], [co.eq(lambda: x.sum() - 1, name="sum")])
-
-    def closure():
-        opt.zero_grad()
-        loss = x.abs().sum() + 0.5 * (x ** 2).sum()
-        loss.backward()
-        return loss
-    for _ in range(200):
-        opt.step(closure)
-        if opt.certificate.status.terminal:
-            break
+    res = _run(lambda x: x.abs().sum() + 0.5 * (x ** 2).sum(), x, [co.eq(lambda: x.sum() - 1, name="sum")])
     assert calls == []
-    assert abs(float(x.detach().abs().sum() + 0.5 * (x.detach() ** 2).sum()) - (1 + 0.5 / 3)) <= 1e-7
+    assert abs(res.fun - (1 + 0.5 / 3)) <= 1e-7
