@@ -35,6 +35,20 @@ def _checked(params: Sequence[Tensor]) -> list[Tensor]:
     return params
 
 
+def max_abs(v: Tensor) -> float:
+    """``‖v‖∞`` of a flat vector in one pass, without the temporary of ``v.abs().max()`` (an n-vector costs a
+    pass over memory at large n); NaN when ``v`` holds one, 0 for an empty vector."""
+    if v.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(v)
+    return float(torch.maximum(-low, high))
+
+
+def within(a: Tensor, b: Tensor, radius: float, width: int = 1 << 16) -> bool:
+    """``‖a − b‖∞ <= radius``, over column slices so that a far point is ruled out after its first slice."""
+    return all(max_abs(a[i:i + width] - b[i:i + width]) <= radius for i in range(0, a.numel(), width))
+
+
 class FlatParams:
     """A fixed list of parameter tensors seen as one vector ``x``.
 
@@ -60,8 +74,13 @@ class FlatParams:
         return None
 
     def get(self) -> Tensor:
-        """x: a detached copy of the parameters as one vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+        """x: a detached copy of the parameters as one vector (``torch.cat`` copies)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def holds(self, x: Tensor) -> bool:
+        """Whether the parameters hold exactly ``x`` (in their dtype), compared without a copy of them."""
+        return all(torch.equal(p.detach().reshape(-1), chunk.to(p.dtype))
+                   for p, chunk in zip(self.params, x.split(self.numels)))
 
     @torch.no_grad()
     def set(self, x: Tensor) -> None:
@@ -120,8 +139,8 @@ class BatchedFlatParams:
         self.device = params[0].device
 
     def get(self) -> Tensor:
-        """X (B, n): a detached copy of the parameters, one row per problem."""
-        return torch.cat([p.detach().reshape(self.batch, -1) for p in self.params], dim=1).clone()
+        """X (B, n): a detached copy of the parameters, one row per problem (``torch.cat`` copies)."""
+        return torch.cat([p.detach().reshape(self.batch, -1) for p in self.params], dim=1)
 
     @torch.no_grad()
     def set(self, x: Tensor) -> None:

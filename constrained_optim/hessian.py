@@ -119,6 +119,11 @@ class DenseBFGS:
         """:meth:`update` now (the dense matrix has no pass over stored pairs to share, see :meth:`LBFGS.defer`)."""
         self.update(s, y)
 
+    def pair_rows(self) -> tuple[Tensor, Tensor]:
+        """Two new n-vectors to compute the next pair (s, y) in (see :meth:`LBFGS.pair_rows`)."""
+        return (torch.empty(self.n, dtype=self.dtype, device=self.device),
+                torch.empty(self.n, dtype=self.dtype, device=self.device))
+
     def state_dict(self) -> dict:
         return {"H": self.H.clone(), "updates": self.updates}
 
@@ -255,6 +260,11 @@ class LBFGS:
         """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it). Returns whether the pair
         was kept."""
         self._flush()
+        if self._W is not None and self._W[2 * self._free_slot()].data_ptr() in (s.data_ptr(), y.data_ptr()):
+            # the pair of :meth:`pair_rows`: its rows must not hold it if it is rejected (rows not in use are zero
+            # or an accepted pair)
+            s, y = s.clone(), y.clone()
+            self._W[2 * self._free_slot():2 * self._free_slot() + 2] = 0.0
         if self.order:
             W = self.W
             Wy = W @ y
@@ -282,6 +292,14 @@ class LBFGS:
         self._pending = self._write(s, y)
         self.version += 1
 
+    def pair_rows(self) -> tuple[Tensor, Tensor]:
+        """The buffer rows where the next pair will be stored, to compute (s, y) in: :meth:`defer` and
+        :meth:`update` of those very rows copy nothing (the rows are not in use; any other use of ``H`` before
+        them is not allowed)."""
+        self._flush()
+        slot = self._free_slot()
+        return self._W[2 * slot], self._W[2 * slot + 1]
+
     def _flush(self) -> None:
         """Settle a deferred pair with :meth:`update`."""
         if self._pending is not None:
@@ -307,12 +325,19 @@ class LBFGS:
         self._accept(slot, Ws[1::2], Wy)
         return True
 
-    def _write(self, s: Tensor, y: Tensor) -> int:
-        """Store the pair in a slot not in use (the oldest stays until the new pair is accepted); returns the slot."""
+    def _free_slot(self) -> int:
+        """The first slot not in use (the oldest pair stays until a new pair is accepted)."""
         if self._W is None:
             self._W = torch.zeros(2 * (self.memory + 1), self.n, dtype=self.dtype, device=self.device)
-        slot = next(j for j in range(self.memory + 1) if j not in self.order)
-        self._W[2 * slot], self._W[2 * slot + 1] = s, y
+        return next(j for j in range(self.memory + 1) if j not in self.order)
+
+    def _write(self, s: Tensor, y: Tensor) -> int:
+        """Store the pair in a slot not in use (no copy when it was computed there, see :meth:`pair_rows`); returns
+        the slot."""
+        slot = self._free_slot()
+        for row, v in ((self._W[2 * slot], s), (self._W[2 * slot + 1], y)):
+            if v.data_ptr() != row.data_ptr():
+                row.copy_(v)
         self._writes += 1
         self._stamps[2 * slot] = self._stamps[2 * slot + 1] = self._writes
         return slot

@@ -120,10 +120,10 @@ class Jacobian:
         if previous._gram is not None and any(self.shared):
             self._previous_gram = previous._gram
 
-    def rmatmul_change(self, previous: "Jacobian", w: Tensor) -> Tensor:
+    def rmatmul_change(self, previous: "Jacobian", w: Tensor, out: Tensor | None = None) -> Tensor:
         """``(J − J_prev)ᵀ w`` for the Jacobian of the same constraints at another point, without the cancellation
-        of ``Jᵀw − J_prevᵀw`` (bound rows and shared blocks do not change)."""
-        out = w.new_zeros(self.n, dtype=_WORK)
+        of ``Jᵀw − J_prevᵀw`` (bound rows and shared blocks do not change); into ``out`` (n,) when given."""
+        out = w.new_zeros(self.n, dtype=_WORK) if out is None else out.zero_()
         w_dense, start = w[self.dense_rows].to(_WORK), 0
         for B, B_prev in zip(self.blocks, previous.blocks):
             if B is not B_prev:
@@ -137,16 +137,36 @@ class Jacobian:
     def rmatmul(self, w: Tensor) -> Tensor:
         """``Jᵀ w`` for w (m,) or (m, k); of a large block only the rows with a nonzero weight are read (at a
         solution most inequalities are inactive: their multipliers and violation weights are zero)."""
-        out = w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
         w_dense = w[self.dense_rows].to(_WORK)
-        weighted = (w_dense != 0).flatten(1).any(dim=1).tolist() if w.dim() > 1 else (w_dense != 0).tolist()
+        out = None
+        for rows, weights in self._weighted(w_dense):
+            out = _add_transposed_times(out, rows, weights)
+        if out is None:
+            out = w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
+        if self.bounds:
+            out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
+        return out
+
+    def bilinear(self, w: Tensor, v: Tensor) -> Tensor:
+        """``wᵀ J v`` (a float64 scalar tensor) for w (m,) and v (n,), reading only the weighted rows of a large
+        block (as :meth:`rmatmul`) and no n-vector result."""
+        w_dense = w[self.dense_rows].to(_WORK)
+        total = w[self.bound_rows].to(_WORK).dot(_signed(self.signs, v[self.columns].to(_WORK)))
+        for rows, weights in self._weighted(w_dense):
+            total = total + weights.dot(_times(rows, v))
+        return total
+
+    def _weighted(self, w_dense: Tensor):
+        """``(rows, weights)``: the dense blocks with their weights, a large block only by its runs of rows with a
+        nonzero weight (views); ``w_dense`` (r,) or (r, k)."""
+        nonzero = w_dense != 0
+        weighted = (nonzero.flatten(1).any(dim=1) if w_dense.dim() > 1 else nonzero).tolist()
         for B, (start, stop) in zip(self.blocks, self._spans()):
             if B.numel() <= _SMALL or all(weighted[start:stop]):
-                _add_transposed_times(out, B, w_dense[start:stop])
+                yield B, w_dense[start:stop]
                 continue
-            for a, b in _true_runs(weighted[start:stop]):      # the weighted rows of a large block, as views
-                _add_transposed_times(out, B[a:b], w_dense[start + a:start + b])
-        return out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
+            for a, b in _true_runs(weighted[start:stop]):
+                yield B[a:b], w_dense[start + a:start + b]
 
     def gram(self) -> Tensor:
         """``J Jᵀ`` (m, m), computed once."""
@@ -303,13 +323,15 @@ def _times(D: Tensor, V: Tensor) -> Tensor:
     return out
 
 
-def _add_transposed_times(out: Tensor, D: Tensor, w: Tensor) -> None:
-    """``out += Dᵀ w`` in float64."""
+def _add_transposed_times(out: Tensor | None, D: Tensor, w: Tensor) -> Tensor:
+    """``out + Dᵀ w`` in float64, in place (``out = None``: a new ``Dᵀ w``, without a pass to zero it first)."""
     if D.dtype == _WORK:
-        out += D.T @ w
-        return
+        return D.T @ w if out is None else out.add_(D.T @ w)
+    if out is None:
+        out = w.new_zeros((D.shape[1],) + w.shape[1:], dtype=_WORK)
     for cols, block in _column_blocks(D):
         out[cols] += block.T @ w
+    return out
 
 
 def _products(pairs: list[tuple[list[Tensor], list[Tensor]]], like: Tensor) -> list[Tensor]:

@@ -8,6 +8,14 @@ Along a descent direction ``d`` with ``g₀ = ∇φ(x)ᵀd < 0``, find ``t > 0``
 Bracket ``[α, β]``, start ``α = 0, β = ∞, t = t₀`` (1 by default): if decrease fails (or φ is not finite) ``β ← t``;
 elif curvature fails ``α ← t``; else accept. Next ``t = (α + β) / 2`` if ``β < ∞`` else ``2t``.
 
+Where sufficient decrease fails by no more than the rounding error ``ε`` of φ (``φ(x + t d) ≤ φ(x) + c₁ t g₀ + ε``),
+values cannot tell it, and the slopes decide instead (the approximate Wolfe conditions of Hager & Zhang 2005): accept when
+
+    c₂ g₀ ≤ ∇φ(x + t d)ᵀ d ≤ (2c₁ − 1) g₀,
+
+which for a quadratic along d is the sufficient decrease itself. Without it a search cannot reach a relative
+stationarity much below √eps: the decrease that a step to a point 1e-8 more stationary brings is eps-relative.
+
 :func:`weak_wolfe_batched` runs the same search for A independent problems at once: every problem has its
 own ``α, β, t``, each round evaluates all trial points together, and a problem whose search has ended
 keeps its accepted point while the others go on.
@@ -40,13 +48,17 @@ class LineSearchResult:
 
 def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any]],
                phi0: float, g0: float, c1: float = 1e-4, c2: float = 0.5,
-               max_evaluations: int = 50, max_expansions: int = 10, t0: float = 1.0) -> LineSearchResult:
+               max_evaluations: int = 50, max_expansions: int = 10, t0: float = 1.0,
+               noise: float = 0.0) -> LineSearchResult:
     """Run the bracketing search.
 
     Args:
         evaluate: ``evaluate(t)`` returns ``(φ(x + t d), slope, trial)`` where ``slope()`` computes
-            ``∇φ(x + t d)ᵀ d`` on demand (it is only needed where the decrease condition holds).
+            ``∇φ(x + t d)ᵀ d`` on demand (it is only needed where the decrease condition holds);
+            ``slope(within_noise=True)``, for the test within the noise, may leave out the parts of φ whose
+            sign is rounding (the violation of constraints at rounding distance from their bound).
         phi0: φ(x). g0: ∇φ(x)ᵀd (must be negative). t0: the first trial step.
+        noise: the rounding error ``ε`` of φ near x (0: values are trusted down to the last bit).
     """
     alpha, beta, t = 0.0, math.inf, t0
     best = None  # (α, trial at α): the largest t with sufficient decrease and a finite slope
@@ -54,6 +66,8 @@ def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any
     for evaluations in range(1, max_evaluations + 1):
         phi, slope, trial = evaluate(t)
         if not math.isfinite(phi) or phi > phi0 + c1 * t * g0:
+            if phi <= phi0 + c1 * t * g0 + noise and c2 * g0 <= slope(within_noise=True) <= (2 * c1 - 1) * g0:
+                return LineSearchResult(Outcome.WOLFE, t, trial, evaluations)
             beta = t
         else:
             slope_t = slope()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import stationarity
-from ._flat import FlatParams
+from ._flat import FlatParams, max_abs, within
 from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
@@ -62,7 +62,6 @@ class _Point:
     loss: Tensor
     J: Jacobian | None = None
     previous: Jacobian | None = None    # the current point's J, for rows that did not change (trial points)
-    Jtw: Tensor | None = None
     _sandwich: tuple | None = None
     _x_inf: float | None = None
 
@@ -82,17 +81,11 @@ class _Point:
             self._sandwich = (H, H.version, sandwich)
         return self._sandwich[2]
 
-    def violation_gradient(self, p: int) -> Tensor:
-        """``Jᵀw ∈ ∂v`` (w: the violation weights), computed once."""
-        if self.Jtw is None:
-            self.Jtw = self.jacobian().T @ violation_weights(self.c, p)
-        return self.Jtw
-
     @property
     def x_inf(self) -> float:
         """``‖x‖∞``, computed once."""
         if self._x_inf is None:
-            self._x_inf = float(self.x.abs().max())
+            self._x_inf = max_abs(self.x)
         return self._x_inf
 
     @property
@@ -176,6 +169,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         self._memory = memory
         self._ngrad = ngrad if ngrad is not None else min(100, 2 * n, n + 10)
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._evaluated: Tensor | None = None      # x of the last evaluation: what the parameters hold
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -239,7 +233,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             restored.update(
                 x=saved["x"].to(**work), hessian=H,
                 samples=deque(((x.to(**work), g.to(**work), Jacobian.from_dense(J.to(self._flat.device)),
-                                float(x.abs().max())) for x, g, J in saved["samples"]),
+                                max_abs(x)) for x, g, J in saved["samples"]),
                               maxlen=saved["samples_maxlen"]),
                 certificate=_certificate_from_dict(saved["certificate"]))
             for key in ("best_feasible", "most_feasible"):
@@ -273,7 +267,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         flat = self._flat
         xp = x.to(flat.dtype)
         flat.set(xp)
-        x = xp.to(_WORK)  # the point actually evaluated, after rounding to the parameters' dtype
+        x = self._evaluated = xp.to(_WORK)  # the point actually evaluated, after rounding to the parameters' dtype
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
@@ -294,10 +288,33 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
-        return mu * point.g + point.violation_gradient(self._state["p"])
+        return mu * point.g + point.jacobian().T @ violation_weights(point.c, self._state["p"])
+
+    def _slope(self, point: _Point, mu: float, d: Tensor, floor: Tensor | None = None) -> float:
+        """∇φ(x; μ)ᵀd = μ ∇fᵀd + wᵀ(J d), without forming ∇φ (at large n every n-vector is a pass over memory); with a
+        rounding ``floor`` δ, without the rows within δ of their bound (whose sign is rounding)."""
+        w = violation_weights(point.c, self._state["p"])
+        if floor is not None:
+            p = self._state["p"]
+            w = torch.where(torch.cat([point.c[:p] > floor[:p], point.c[p:].abs() > floor[p:]]), w, 0.0)
+        return float(mu * point.g.dot(d) + point.jacobian().bilinear(w, d))
 
     def _phi(self, point: _Point, mu: float) -> float:
         return mu * point.f + float(violation(point.c, self._state["p"]))
+
+    def _rounding(self, point: _Point) -> Tensor:
+        """``δ_i = 10 eps τ_i`` with ``τ_i = ‖∇c_i‖₂ max(1, ‖x‖∞)``, the scale of the terms that make up c_i: below δ_i
+        a value of c_i is rounding."""
+        return 10 * _EPS * max(1.0, point.x_inf) * point.jacobian().row_norms()
+
+    def _phi_noise(self, point: _Point, mu: float, floor: Tensor) -> float:
+        """The rounding error of φ(·; μ) near x: ``10 eps μ|f|`` plus ``δ_i`` (:meth:`_rounding`) of each row that can
+        enter v (equalities, inequalities above ``−δ_i``). Near an active constraint it is that constraint's rounding
+        which hides a decrease of μ f, the more so the smaller f is scaled."""
+        p = self._state["p"]
+        enters = torch.ones_like(point.c, dtype=torch.bool)
+        enters[:p] = point.c[:p] >= -floor[:p]
+        return 10 * _EPS * mu * abs(point.f) + float(floor[enters].sum())
 
     # -------------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -312,21 +329,22 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                              "precision='16-mixed') calls step() without a closure and is not supported: use "
                              "float32/float64 or bf16, or a first-order optimizer such as co.AugmentedLagrangian")
         st = self._state
-        x_now = self._flat.get().to(_WORK)
-        moved = "x" not in st or not torch.equal(x_now, st["x"])     # by the user: a restart there
+        moved = "x" not in st or not self._flat.holds(st["x"])     # by the user: a restart there
         if not moved and st["certificate"].status.terminal:
             with torch.enable_grad():
                 return closure()
         try:
             if moved:
-                self._start(closure, x_now)
+                self._start(closure, self._flat.get().to(_WORK))
             else:
                 if "point" not in st:      # resumed from a state_dict: rebuild f, ∇f, c at the saved point
                     st["point"] = self._evaluate(closure, st["x"])
                 self._iterate(closure)
         finally:
-            # whatever happened (a closure that raised included), parameters hold the last good point
-            self._flat.set(st.get("x", x_now).to(self._flat.dtype))
+            # whatever happened (a closure that raised included), parameters hold the last good point: written
+            # back unless it is the point evaluated last (a start that failed leaves them at the user's values)
+            if "x" in st and st["x"] is not self._evaluated:
+                self._flat.set(st["x"].to(self._flat.dtype))
         return st["point"].loss if "point" in st else None
 
     def _start(self, closure: Callable[[], Tensor], x: Tensor) -> None:
@@ -345,7 +363,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             n = self._flat.n
             st["hessian"] = (DenseBFGS(n, _WORK, x.device, self.defaults["damping"]) if self._memory is None
                              else LBFGS(n, _WORK, x.device, self._memory, self.defaults["damping"]))
-            st["g_ref"] = float(point.g.abs().max()) if point.g.numel() else 0.0
+            st["g_ref"] = max_abs(point.g)
         st["p"] = point.values.p
         st["rescues"] = st["expansions"] = st["stalls"] = 0
         st["t0"] = 1.0
@@ -366,9 +384,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                 H.reset()
                 continue
             mu = direction.mu
-            gphi = self._grad_phi(point, mu)
-            d = direction.d if direction.qp_ok else -gphi
-            g0 = float(gphi.dot(d))
+            d = direction.d if direction.qp_ok else -self._grad_phi(point, mu)
+            g0 = self._slope(point, mu, d)
             phi0 = self._phi(point, mu)
             result = None
             if g0 < 0 and math.isfinite(g0):
@@ -388,11 +405,12 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             st["mu"] = mu
             # curvature of the Lagrangian μf + yᵀc of the penalty QP (y: its duals), as in SQP
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
-            y = trial.jacobian().rmatmul_change(point.jacobian(), y_dual).add_(trial.g - point.g, alpha=mu)
-            s = trial.x - point.x
+            s, y = H.pair_rows()           # (computed where H keeps them: no copies of n-vectors)
+            torch.sub(trial.x, point.x, out=s)
+            trial.jacobian().rmatmul_change(point.jacobian(), y_dual, out=y).add_(trial.g - point.g, alpha=mu)
             H.defer(s, y)
             st["iteration"] += 1
-            step, size = float(s.abs().max()), max(1.0, point.x_inf)
+            step, size = max_abs(s), max(1.0, point.x_inf)
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
             # with steps at least as long as x itself
             diverging = result.outcome is Outcome.EXPANSION_LIMIT and step >= size
@@ -412,12 +430,16 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _search(self, closure, point: _Point, d: Tensor, mu: float, phi0: float, g0: float,
                 t0: float) -> LineSearchResult:
-        """Weak Wolfe search along d from t0; when the full step (t0 = 1) fails sufficient decrease, first
-        try it with second-order corrections (which remove the Maratos effect of curved constraints)."""
+        """Weak Wolfe search along d from t0 (tolerating the rounding of φ, see :meth:`_phi_noise`); when the full
+        step (t0 = 1) fails sufficient decrease, first try it with second-order corrections (which remove the
+        Maratos effect of curved constraints)."""
         c1 = self.defaults["c1"]
-        evaluate_at = self._trial_evaluator(closure, point, d, mu)
+        floor = self._rounding(point)
+        evaluate_at = self._trial_evaluator(closure, point, d, mu, floor)
+        search = dict(c1=c1, c2=self.defaults["c2"], max_evaluations=self.defaults["max_ls_evals"],
+                      noise=self._phi_noise(point, mu, floor))
         if t0 != 1.0:
-            return weak_wolfe(evaluate_at, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"], t0=t0)
+            return weak_wolfe(evaluate_at, phi0, g0, t0=t0, **search)
         full = evaluate_at(1.0)
         linear = None
         if point.c.numel() and not full[0] <= phi0 + c1 * g0 and full[2].finite:
@@ -425,6 +447,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         # a correction brings c back to that model and leaves f nearly as it is: it can only help where the step
         # failed for its violation, μ f(x + d) + v(c + J d) <= target (not where f itself rose, at a kink of f)
         if linear is not None and mu * full[2].f + float(violation(linear, self._state["p"])) <= phi0 + c1 * g0:
+            if full[0] <= phi0 + c1 * g0 + search["noise"]:
+                full[2].jacobian()     # (its slope may be asked for after the corrections have moved the parameters)
             corrected = full[2]
             for k in range(_CORRECTIONS):
                 corrected = self._second_order_correction(closure, point, linear, corrected)
@@ -437,7 +461,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
         def evaluate(t: float):
             return full if t == 1.0 else evaluate_at(t)
-        return weak_wolfe(evaluate, phi0, g0, c1, self.defaults["c2"], self.defaults["max_ls_evals"])
+        return weak_wolfe(evaluate, phi0, g0, **search)
 
     def _second_order_correction(self, closure, point: _Point, linear: Tensor, trial: _Point) -> _Point | None:
         """Evaluate x̃ + d_c, where x̃ is the trial point (x + d, or an earlier corrected point) and
@@ -461,16 +485,16 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         corrected = self._evaluate(closure, trial.x - J.T @ w, previous=J)
         return corrected if corrected.finite else None
 
-    def _trial_evaluator(self, closure, point: _Point, d: Tensor, mu: float):
+    def _trial_evaluator(self, closure, point: _Point, d: Tensor, mu: float, floor: Tensor):
         def evaluate_at(t: float):
-            trial = self._evaluate(closure, point.x + t * d, previous=point.jacobian())
+            trial = self._evaluate(closure, torch.add(point.x, d, alpha=t), previous=point.jacobian())
             if not trial.finite:
                 return math.inf, lambda: math.nan, trial
 
-            def slope() -> float:
+            def slope(within_noise: bool = False) -> float:
                 if not trial.jacobian_finite:
                     return math.nan
-                return float(self._grad_phi(trial, mu).dot(d))
+                return self._slope(trial, mu, d, floor if within_noise else None)
             return self._phi(trial, mu), slope, trial
         return evaluate_at
 
@@ -527,7 +551,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         st = self._state
         p = st["p"]
         ineq, eq = linf_violation(point.c, p)
-        g_scale = max(float(point.g.abs().max()) if point.g.numel() else 0.0, st["g_ref"],
+        g_scale = max(max_abs(point.g), st["g_ref"],
                       torch.finfo(_WORK).tiny)
         meas = stationarity.measure(point.g[None], [point.jacobian()], point.c, p, g_scale, self._tol_ineq,
                                     st.get("fit"))
@@ -537,7 +561,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             radius = self._radius * max(1.0, point.x_inf)
             # |‖x_j‖∞ − ‖x‖∞| <= ‖x_j − x‖∞ rules most samples out without a pass over x_j
             near = [(g, Js) for x, g, Js, x_inf in st["samples"]
-                    if abs(x_inf - point.x_inf) <= radius and float((x - point.x).abs().max()) <= radius]
+                    if x is point.x or (abs(x_inf - point.x_inf) <= radius and within(x, point.x, radius))]
             if len(near) > 1:
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])

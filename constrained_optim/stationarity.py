@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._flat import max_abs
 from .jacobian import Jacobian
 from .qp import QPResult, solve_box_qp, solve_qp
 
@@ -68,23 +69,25 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
     J0 = jacobians[0]
     m, n = J0.shape
     unit, live = _safe(J0.row_norms())
-    g = grads / g_scale
     kappa, lower, upper = _activity(c, unit, live, p, tol_ineq)
     qp = None
     if len(jacobians) == 1:
+        # (∇f and the residual in the units of f, scaled as m-vectors and by the norm: no scaled n-vector)
         gram = J0.gram() / (unit[:, None] * unit[None, :])        # unit rows: J_u J_uᵀ
-        qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ g[0]) / unit, lower, upper,
+        qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ grads[0]) / (unit * g_scale), lower, upper,
                           warm_start=warm_start)
-        lam_unit, r, solved = qp.z, g[0] + J0.T @ (qp.z / unit), bool(qp.solved)
+        lam_unit, solved = qp.z, bool(qp.solved)
+        residual = max_abs((J0.T @ (qp.z * (g_scale / unit))).add_(grads[0])) / g_scale
     else:
         J = torch.stack([Js.to_dense().to(grads.dtype) for Js in jacobians]) / unit[:, None]
-        lam_unit, r, solved = _sampled(g, J, kappa, lower, upper)
+        lam_unit, r, solved = _sampled(grads / g_scale, J, kappa, lower, upper)
+        residual = max_abs(r)
     lam = lam_unit / unit * g_scale
     charged = (kappa * lam.abs())[:p]
     # ‖∇c_i‖∞ (a pass over J) only where a multiplier sits on a clearly inactive row
     comp = charged * J0.row_amax()[:p] if bool((charged > 0).any()) else charged
     return Stationarity(
-        stationarity=float(r.abs().max()) if n else 0.0,
+        stationarity=residual,
         complementarity=float(comp.max() / g_scale) if p else 0.0,
         multipliers=lam,
         solved=solved,

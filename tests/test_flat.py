@@ -1,10 +1,12 @@
 """FlatParams: parameters <-> one flat vector."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constrained_optim._flat import FlatParams
+from constrained_optim._flat import FlatParams, max_abs, within
 
 shapes = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
 
@@ -106,3 +108,28 @@ def test_mixed_dtypes():
 def test_different_devices():
     with pytest.raises(TypeError, match="devices"):
         FlatParams([torch.zeros(3, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-1e300, 1e300), max_size=40))
+def test_max_abs_is_the_infinity_norm(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    assert max_abs(v) == (float(v.abs().max()) if values else 0.0)
+
+
+def test_max_abs_propagates_nan_and_within_compares_slices():
+    assert math.isnan(max_abs(torch.tensor([1.0, float("nan"), -3.0])))
+    a = torch.zeros(10)
+    b = a.clone()
+    b[7] = 0.5
+    assert within(a, b, 0.5, width=3) and not within(a, b, 0.49, width=3)
+    b[7] = float("nan")
+    assert not within(a, b, 1.0, width=3)
+
+
+def test_holds_compares_the_parameters_with_a_vector():
+    a = torch.tensor([1.0, 2.0], requires_grad=True)
+    b = torch.tensor([[3.0]], requires_grad=True)
+    flat = FlatParams([a, b])
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert flat.holds(x) and not flat.holds(x + 1e-6)

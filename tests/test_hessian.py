@@ -205,16 +205,23 @@ def test_reset_and_state_dict_round_trip(kind):
     assert H.updates == 0 and torch.equal(_matrix(H, n), torch.eye(n, dtype=F64))
 
 
+def _pairs_damped_and_skipped(n, seed):
+    """Seven pairs of a quadratic with a pair of negative curvature (damped) as the fourth and a NaN pair (skipped)
+    as the sixth; and a generator for further draws."""
+    gen = torch.Generator().manual_seed(seed - 1)
+    _, pairs = _pairs(n, 7, seed=seed)
+    s_neg = torch.randn(n, generator=gen, dtype=F64)
+    pairs.insert(3, (s_neg, -0.5 * s_neg))
+    pairs.insert(5, (torch.full((n,), float("nan"), dtype=F64), torch.ones(n, dtype=F64)))
+    return pairs, gen
+
+
 def test_deferred_pairs_join_at_the_next_sandwich_as_updates_would():
     # a pair deferred to the sandwich (its Wᵀs, Wᵀy from the sandwich's pass) gives the operator of update():
     # plain pairs, a pair that needs damping (negative curvature), a pair that is skipped (NaN), past the memory
     from constrained_optim.jacobian import Jacobian
     n, m = 9, 3
-    gen = torch.Generator().manual_seed(11)
-    A, pairs = _pairs(n, 7, seed=12)
-    s_neg = torch.randn(n, generator=gen, dtype=F64)
-    pairs.insert(3, (s_neg, -0.5 * s_neg))
-    pairs.insert(5, (torch.full((n,), float("nan"), dtype=F64), torch.ones(n, dtype=F64)))
+    pairs, gen = _pairs_damped_and_skipped(n, seed=12)
     eager, lazy = LBFGS(n, F64, CPU, memory=3), LBFGS(n, F64, CPU, memory=3)
     J = Jacobian.from_dense(torch.randn(m, n, generator=gen, dtype=F64))
     for s, y in pairs:
@@ -234,3 +241,32 @@ def test_deferred_pairs_join_at_the_next_sandwich_as_updates_would():
     eager.update(*pairs[0])
     assert torch.allclose(_matrix(lazy, n), _matrix(eager, n), rtol=1e-12, atol=1e-12)
     assert lazy.state_dict()["slots"].tolist() == lazy.order
+
+
+@pytest.mark.parametrize("through", ["defer", "update"])
+def test_pairs_computed_in_their_buffer_rows_give_the_same_operator(through):
+    """``pair_rows`` hands out the rows where the next pair is stored (no copy); filled there and given to defer or
+    update, the pairs (plain, damped, skipped as NaN) give the operator of pairs passed as their own tensors, and a
+    skipped pair does not stay in the rows (a NaN there would reach every product)."""
+    from constrained_optim.jacobian import Jacobian
+    n, m = 9, 2
+    pairs, gen = _pairs_damped_and_skipped(n, seed=14)
+    reference, rows = LBFGS(n, F64, CPU, memory=3), LBFGS(n, F64, CPU, memory=3)
+    J = Jacobian.from_dense(torch.randn(m, n, generator=gen, dtype=F64))
+    for s, y in pairs:
+        s_row, y_row = rows.pair_rows()
+        assert s_row.data_ptr() == rows._W[2 * rows._free_slot()].data_ptr()
+        s_row.copy_(s)
+        y_row.copy_(y)
+        getattr(reference, through)(s, y)
+        getattr(rows, through)(s_row, y_row)
+        g = torch.randn(n, generator=gen, dtype=F64)
+        first, second = reference.sandwich(J, g), rows.sandwich(J, g)
+        assert torch.isfinite(rows._W).all()
+        assert torch.allclose(second.M, first.M, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(second.JHg, first.JHg, rtol=1e-12, atol=1e-12)
+    assert rows.updates == reference.updates == 8
+    assert torch.allclose(_matrix(rows, n), _matrix(reference, n), rtol=1e-12, atol=1e-12)
+    dense = DenseBFGS(n, F64, CPU)
+    s_row, y_row = dense.pair_rows()
+    assert s_row.shape == y_row.shape == (n,) and s_row.data_ptr() != y_row.data_ptr()

@@ -35,6 +35,7 @@ def test_products_match_the_dense_matrix(dtype):
     assert torch.allclose(J @ v, dense @ v, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J @ V, dense @ V, rtol=1e-13, atol=1e-13)
     assert torch.allclose(J.T @ w, dense.T @ w, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(J.bilinear(w, v), w @ (dense @ v), rtol=1e-13, atol=1e-13)
     G, JVt, vVt = J.gram_and_times([V.T[:3], v[None]], left=[v[None]])
     assert torch.allclose(G, dense @ dense.T, rtol=1e-13, atol=1e-13)
     assert torch.allclose(JVt, dense @ torch.cat([V[:, :3], v[:, None]], 1), rtol=1e-13, atol=1e-13)
@@ -167,3 +168,18 @@ def test_transposed_product_reads_only_the_weighted_rows_of_a_large_block():
     J.blocks[0][0, 11] = float("nan")
     w = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=F64)
     assert torch.allclose(J.T @ w, dense[1], rtol=0, atol=0)
+
+
+def test_bilinear_form_reads_only_the_weighted_rows_of_a_large_block():
+    """``wᵀ J v`` (the line search's slope of the violation) with the weights the line search uses: the rows of weight
+    zero of a large block are not read."""
+    n = 400_000
+    gen = torch.Generator().manual_seed(6)
+    J, dense = _two_blocks(n, gen)
+    v = torch.randn(n, generator=gen, dtype=F64)
+    for w in ([0.0, 2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0]):
+        w = torch.tensor(w, dtype=F64)
+        assert torch.allclose(J.bilinear(w, v), w @ (dense @ v), rtol=1e-12, atol=1e-9)
+    J.blocks[0][0, 11] = float("nan")
+    w = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=F64)
+    assert torch.allclose(J.bilinear(w, v), dense[1] @ v, rtol=1e-12)

@@ -15,7 +15,7 @@ def _evaluator(phi, dphi, log=None):
         value = phi(t)
         if log is not None:
             log.append(t)
-        return value, (lambda: dphi(t)), (t, value)
+        return value, (lambda within_noise=False: dphi(t)), (t, value)
     return evaluate
 
 
@@ -168,3 +168,34 @@ def test_never_returns_a_nonfinite_point(bound, a, b):
     else:
         assert res.t <= bound and math.isfinite(res.trial[1])
         assert res.trial[1] <= phi(0.0) + C1 * res.t * dphi(0.0)
+
+
+
+def _rounded_up(offset):
+    """φ(t) = 1 + 1e-18 (t − 1)² + offset for t > 0, with the exact slope 2e-18 (t − 1): an offset of one ulp of 1
+    (2.2e-16) is how a constraint's rounding lifts φ at every trial point, hiding the decrease (1e-18) from the
+    values."""
+    return (lambda t: 1.0 + 1e-18 * (t - 1.0) ** 2 + (offset if t > 0 else 0.0)), (lambda t: 2e-18 * (t - 1.0))
+
+
+def test_decrease_below_rounding_is_accepted_by_slopes():
+    phi, dphi = _rounded_up(2.2e-16)
+    phi0, g0 = phi(0.0), dphi(0.0)
+    assert weak_wolfe(_evaluator(phi, dphi), phi0, g0).outcome is Outcome.FAILED
+    res = weak_wolfe(_evaluator(phi, dphi), phi0, g0, noise=1e-15)
+    assert res.outcome is Outcome.WOLFE and res.t == 1.0
+
+
+def test_noise_does_not_accept_a_step_whose_slope_says_too_long():
+    """Within the noise, a step past the minimizer along d (slope > (2c₁ − 1) g₀: no sufficient decrease on the
+    quadratic model) is not taken: t = 3 is rejected, its midpoint 1.5 taken."""
+    phi, dphi = _rounded_up(2.2e-16)
+    log = []
+    res = weak_wolfe(_evaluator(phi, dphi, log), phi(0.0), dphi(0.0), noise=1e-15, t0=3.0)
+    assert log == [3.0, 1.5] and res.outcome is Outcome.WOLFE and res.t == 1.5
+
+
+def test_noise_does_not_accept_an_increase_above_it():
+    phi, dphi = _rounded_up(1e-12)
+    res = weak_wolfe(_evaluator(phi, dphi), phi(0.0), dphi(0.0), noise=1e-15)
+    assert res.outcome is Outcome.FAILED

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import constrained_optim as co
 
@@ -209,6 +209,13 @@ def _random_convex_problem(seed):
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2 ** 31 - 1), scale=st.sampled_from([1e-4, 1e4]))
+# found by a scan of seeds 0–299: these stopped STALLED_FEASIBLE at stationarity 1.0–1.7e-8 (the tolerance is 1e-8)
+# while the line search could not see decreases below the rounding of φ (of an active constraint at 1e-4, of f
+# at 1e4)
+@example(seed=52, scale=1e-4)
+@example(seed=166, scale=1e-4)
+@example(seed=55, scale=1e4)
+@example(seed=169, scale=1e4)
 def test_solution_invariant_to_objective_scale(seed, scale):
     Q, p, G, h = (torch.tensor(a, dtype=F64) for a in _random_convex_problem(seed))
     xs = []

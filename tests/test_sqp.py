@@ -141,7 +141,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(2, 8), p=st.integers(1, 6), with_eq=st.booleans())
 def test_random_convex_problems_match_slsqp(seed, n, p, with_eq):
     """min ½xᵀPx + qᵀx  s.t.  Gx <= h,  ‖x‖² <= 4,  (aᵀx = b): a strictly convex problem with a unique
-    solution, feasible by construction (x = 0 is strictly feasible); SLSQP is the independent oracle."""
+    solution, feasible by construction (x = 0 strictly satisfies the inequalities, and the plane passes through a
+    point x₁ with ‖Gx₁‖∞ <= 0.09 < min h and ‖x₁‖ <= 1, which does too); SLSQP is the independent oracle."""
     optimize = pytest.importorskip("scipy.optimize")
     gen = torch.Generator().manual_seed(seed)
     B = torch.randn(n, n, generator=gen, dtype=F64)
@@ -150,7 +151,9 @@ def test_random_convex_problems_match_slsqp(seed, n, p, with_eq):
     G = torch.randn(p, n, generator=gen, dtype=F64)
     h = torch.rand(p, generator=gen, dtype=F64) + 0.1
     a = torch.randn(n, generator=gen, dtype=F64)
-    b = 0.1 * float(torch.randn(1, generator=gen, dtype=F64))
+    u = torch.randn(n, generator=gen, dtype=F64)
+    b = float(a @ (0.09 * u / max(float((G @ u).abs().max()), 0.09 * float(u.norm()))))  # ‖x₁‖ <= 1; (a plane
+    # drawn at random can miss the polytope: seen)
 
     x = torch.zeros(n, dtype=F64, requires_grad=True)
     cons = [co.ineq(lambda: G @ x - h, name="linear"), co.ineq(lambda: (x ** 2).sum() - 4, name="ball")]
