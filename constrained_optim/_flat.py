@@ -78,9 +78,11 @@ class FlatParams:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def holds(self, x: Tensor) -> bool:
-        """Whether the parameters hold exactly ``x`` (in their dtype), compared without a copy of them."""
-        return all(torch.equal(p.detach().reshape(-1), chunk.to(p.dtype))
-                   for p, chunk in zip(self.params, x.split(self.numels)))
+        """Whether the parameters hold exactly ``x`` (in their dtype), compared without a copy of them (and with one
+        host synchronisation, whatever the number of parameters)."""
+        same = [torch.eq(p.detach().reshape(-1), chunk.to(p.dtype)).all()
+                for p, chunk in zip(self.params, x.split(self.numels))]
+        return bool(torch.stack(same).all())
 
     @torch.no_grad()
     def set(self, x: Tensor) -> None:

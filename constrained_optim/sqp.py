@@ -314,7 +314,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         p = self._state["p"]
         enters = torch.ones_like(point.c, dtype=torch.bool)
         enters[:p] = point.c[:p] >= -floor[:p]
-        return 10 * _EPS * mu * abs(point.f) + float(floor[enters].sum())
+        return 10 * _EPS * mu * abs(point.f) + float(torch.where(enters, floor, 0.0).sum())
 
     # -------------------------------------------------------------------------------------- the step
     @torch.no_grad()
