@@ -489,7 +489,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         def evaluate_at(t: float):
             trial = self._evaluate(closure, torch.add(point.x, d, alpha=t), previous=point.jacobian())
             if not trial.finite:
-                return math.inf, lambda: math.nan, trial
+                return math.inf, lambda within_noise=False: math.nan, trial
 
             def slope(within_noise: bool = False) -> float:
                 if not trial.jacobian_finite:
