@@ -260,11 +260,12 @@ class LBFGS:
         """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it). Returns whether the pair
         was kept."""
         self._flush()
-        if self._W is not None and self._W[2 * self._free_slot()].data_ptr() in (s.data_ptr(), y.data_ptr()):
+        free = self._free_slot() if self._W is not None else None
+        if free is not None and self._W[2 * free].data_ptr() in (s.data_ptr(), y.data_ptr()):
             # the pair of :meth:`pair_rows`: its rows must not hold it if it is rejected (rows not in use are zero
             # or an accepted pair)
             s, y = s.clone(), y.clone()
-            self._W[2 * self._free_slot():2 * self._free_slot() + 2] = 0.0
+            self._W[2 * free:2 * free + 2] = 0.0
         if self.order:
             W = self.W
             Wy = W @ y
