@@ -165,7 +165,7 @@ def test_minibatch_training_with_a_batch_dependent_constraint():
     ref = scipy_minimize(
         lambda z: float(np.mean((Xn @ z[:d] + z[d] - yn) ** 2)), np.zeros(d + 1),
         jac=lambda z: np.concatenate([2 * Xn.T @ (Xn @ z[:d] + z[d] - yn) / N, [2 * np.mean(Xn @ z[:d] + z[d] - yn)]]),
-        method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000},
+        method="SLSQP", options={"ftol": 1e-10, "maxiter": 1000},
         constraints=[{"type": "ineq", "fun": lambda z: b - np.mean(Xn @ z[:d] + z[d])},
                      {"type": "ineq", "fun": lambda z: r ** 2 - z[:d] @ z[:d]}])
     assert ref.success
