@@ -342,6 +342,19 @@ class BatchedSQP(torch.optim.Optimizer):
     def _phi(self, P: _Points | _Trial, mu: Tensor) -> Tensor:
         return mu * P.f + violation(P.c, self._state["p"])
 
+    def _rounding(self, P: _Points) -> Tensor:
+        """(A, m): ``δ_i = 10 eps ‖∇c_i‖₂ max(1, ‖x_b‖∞)``, below which a value of c_i is rounding (as in
+        ConstrainedSQP)."""
+        size = P.x.abs().amax(-1, keepdim=True).clamp(min=1.0) if P.x.shape[-1] else torch.ones_like(P.f)[:, None]
+        return 10 * _EPS * size * torch.linalg.vector_norm(P.J, dim=-1)
+
+    def _phi_noise(self, P: _Points, mu: Tensor, floor: Tensor) -> Tensor:
+        """The rounding error of φ_b(·; μ_b) near x_b, as in ConstrainedSQP: ``10 eps μ_b|f_b|`` plus ``δ_i``
+        (:meth:`_rounding`) of each row that can enter v (equalities, inequalities above −δ_i)."""
+        p = self._state["p"]
+        enters = torch.cat([P.c[:, :p] >= -floor[:, :p], torch.ones_like(P.c[:, p:], dtype=torch.bool)], dim=-1)
+        return 10 * _EPS * mu * P.f.abs() + torch.where(enters, floor, 0.0).sum(-1)
+
     def _feasible(self, c: Tensor) -> Tensor:
         ineq, eq = _linf(c, self._state["p"])
         return (ineq <= self._tol_ineq) & (eq <= self._tol_eq)
@@ -542,8 +555,19 @@ class BatchedSQP(torch.optim.Optimizer):
         corrected, done = None, torch.zeros_like(searching)
         if P.c.shape[-1] and bool(correct.any()):
             corrected, done = self._second_order_corrections(trial_at, P, d, mu, bar, first[2], correct)
+        floor = self._rounding(P)
+        Jd = (P.J @ d[:, :, None])[:, :, 0]
+
+        def slope_within_noise(trial: _Trial, slope: Tensor) -> Tensor:
+            # without the rows within δ of their bound (whose sign is rounding); J d at x for J d at the trial,
+            # which the trial's single backward pass does not give (the rows are nearly active: the two agree
+            # to the curvature of c times ‖t d‖)
+            p = self._state["p"]
+            rounding = torch.cat([trial.c[:, :p] <= floor[:, :p], trial.c[:, p:].abs() <= floor[:, p:]], dim=-1)
+            return slope - torch.where(rounding, violation_weights(trial.c, p) * Jd, 0.0).sum(-1)
         result = weak_wolfe_batched(evaluate_at, phi0, g0, t0, searching & ~done, c1, self.defaults["c2"],
-                                    self.defaults["max_ls_evals"], first=first)
+                                    self.defaults["max_ls_evals"], first=first, noise=self._phi_noise(P, mu, floor),
+                                    slope_within_noise=slope_within_noise)
         if corrected is not None:
             result.outcome = torch.where(done, int(BatchedOutcome.DECREASE_ONLY), result.outcome)
             result.t = torch.where(done, 1.0, result.t)

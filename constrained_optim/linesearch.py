@@ -110,7 +110,8 @@ class BatchedLineSearchResult:
 
 def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Any]], phi0: Tensor, g0: Tensor,
                        t0: Tensor, searching: Tensor, c1: float = 1e-4, c2: float = 0.5, max_evaluations: int = 50,
-                       max_expansions: int = 10, first: tuple | None = None) -> BatchedLineSearchResult:
+                       max_expansions: int = 10, first: tuple | None = None, noise: Tensor | float = 0.0,
+                       slope_within_noise: Callable[[Any, Tensor], Tensor] | None = None) -> BatchedLineSearchResult:
     """The bracketing search for A problems at once (rows of the (A,) tensors).
 
     Args:
@@ -120,6 +121,9 @@ def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor
         phi0, g0: φ(x) and ∇φ(x)ᵀd per row. t0: first trial steps.
         searching: the rows to search (g0 < 0); the others end FAILED without an evaluation.
         first: ``evaluate(t0, ...)``'s result when the caller has it already (it counts as the first round).
+        noise: the rounding error ``ε`` of φ near x per row (or one for all), as in :func:`weak_wolfe`.
+        slope_within_noise: ``slope_within_noise(trial, slope)``, the slope for the test within the noise (as in
+            :func:`weak_wolfe`, it may leave out the parts of φ whose sign is rounding); the slope itself by default.
     """
     code = BatchedOutcome
     alpha, beta, t = torch.zeros_like(phi0), torch.full_like(phi0, math.inf), t0.clone()
@@ -132,9 +136,13 @@ def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor
         phi, slope, trial = first if evaluations == 0 and first is not None else evaluate(t, active)
         evaluations += 1
         decrease = torch.isfinite(phi) & (phi <= phi0 + c1 * t * g0) & torch.isfinite(slope)
-        beta = torch.where(active & ~decrease, t, beta)
+        # where the decrease fails within the noise, the slopes decide (approximate Wolfe, see the module doc)
+        near = ~decrease & (phi <= phi0 + c1 * t * g0 + noise)
+        flat = slope if slope_within_noise is None or not bool(near.any()) else slope_within_noise(trial, slope)
+        approximate = near & (c2 * g0 <= flat) & (flat <= (2 * c1 - 1) * g0)
+        beta = torch.where(active & ~decrease & ~approximate, t, beta)
         grow = active & decrease & (slope < c2 * g0)
-        accept = active & decrease & (slope >= c2 * g0)
+        accept = active & ((decrease & (slope >= c2 * g0)) | approximate)
         alpha = torch.where(grow, t, alpha)
         found |= grow
         kept = trial if kept is None else trial.where(grow | accept, kept)

@@ -114,6 +114,24 @@ def test_convex_qps_match_constrained_sqp_on_each_problem(memory):
         assert opt.certificates[k].objective == pytest.approx(result.fun, abs=1e-8)
 
 
+
+# found by a scan of seeds 0–299 of tests/test_reliability's random convex QPs, each solved with f scaled by 1, s
+# and 1/s in one batch: these stopped STALLED_FEASIBLE at stationarity 1.7–3.5e-8 (the tolerance is 1e-8) while
+# the line search could not see decreases below the rounding of φ
+@pytest.mark.parametrize("seed, scale", [(50, 1e-4), (53, 1e-4), (136, 1e-4), (134, 1e4), (222, 1e4)])
+def test_solution_invariant_to_objective_scale(seed, scale):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_reliability import _random_convex_problem
+    Q, p, G, h = (torch.tensor(a, dtype=F64) for a in _random_convex_problem(seed))
+    x = torch.zeros(3, Q.shape[0], dtype=F64, requires_grad=True)
+    factor = torch.tensor([1.0, scale, 1 / scale], dtype=F64)
+    opt = co.BatchedSQP([x], [co.ineq(lambda: x @ G.T - h)])
+    _solve(opt, lambda: factor * (0.5 * ((x @ Q) * x).sum(-1) + x @ p))
+    assert bool(opt.converged.all()), (opt.status, [c.stationarity for c in opt.certificates])
+    x = x.detach()
+    assert torch.allclose(x[1:], x[:1].expand(2, -1), atol=1e-6 * max(1.0, float(x[0].abs().max())), rtol=0)
+
 def test_each_answer_is_independent_of_the_other_problems():
     data = _random_qps(6, seed=3)
     x_batch, opt = _batched_qp(*data)
@@ -417,6 +435,46 @@ def test_batched_weak_wolfe_follows_the_single_search_in_every_row():
         assert BatchedOutcome(int(result.outcome[k])).name == single.outcome.name
         assert float(result.t[k]) == single.t and result.trial[k] == single.trial
 
+
+
+def test_batched_weak_wolfe_tolerates_the_noise_as_the_single_search():
+    """Rows of tests/test_linesearch's noise cases: a decrease (1e-18) hidden by one ulp of rounding, the same from
+    t0 = 3 (past the minimizer: rejected by the slope, 1.5 taken), and an increase (1e-12) above the noise."""
+    from constrained_optim.linesearch import BatchedOutcome, weak_wolfe, weak_wolfe_batched
+
+    class Trial(list):
+        def where(self, mask, other):
+            return Trial(a if m else b for a, m, b in zip(self, mask.tolist(), other))
+
+    def rounded_up(offset):
+        return (lambda t: 1.0 + 1e-18 * (t - 1.0) ** 2 + (offset if t > 0 else 0.0)), (lambda t: 2e-18 * (t - 1.0))
+    rows = [rounded_up(2.2e-16), rounded_up(2.2e-16), rounded_up(1e-12)]
+    t0 = torch.tensor([1.0, 3.0, 1.0], dtype=F64)
+    asked = []
+
+    def evaluate(t, active):
+        ts = t.tolist()
+        return (torch.tensor([phi(v) for (phi, _), v in zip(rows, ts)], dtype=F64),
+                torch.tensor([dphi(v) for (_, dphi), v in zip(rows, ts)], dtype=F64), Trial(ts))
+
+    def within_noise(trial, slope):
+        asked.append(list(trial))
+        return slope
+    phi0 = torch.tensor([phi(0.0) for phi, _ in rows], dtype=F64)
+    g0 = torch.tensor([dphi(0.0) for _, dphi in rows], dtype=F64)
+    searching = torch.ones(3, dtype=torch.bool)
+    without = weak_wolfe_batched(evaluate, phi0, g0, t0, searching)
+    assert without.outcome.tolist() == [int(BatchedOutcome.FAILED)] * 3
+    result = weak_wolfe_batched(evaluate, phi0, g0, t0, searching, noise=torch.full((3,), 1e-15, dtype=F64),
+                                slope_within_noise=within_noise)
+    assert asked and asked[0] == [1.0, 3.0, 1.0]
+    for k, ((phi, dphi), start) in enumerate(zip(rows, t0.tolist())):
+        single = weak_wolfe(lambda t: (phi(t), lambda within_noise=False: dphi(t), t), phi(0.0), dphi(0.0),
+                            t0=start, noise=1e-15)
+        assert BatchedOutcome(int(result.outcome[k])).name == single.outcome.name
+        assert float(result.t[k]) == single.t
+    assert result.outcome.tolist() == [int(BatchedOutcome.WOLFE), int(BatchedOutcome.WOLFE),
+                                       int(BatchedOutcome.FAILED)] and result.t[:2].tolist() == [1.0, 1.5]
 
 def test_batched_steering_and_multiplier_fit_match_the_single_versions():
     from constrained_optim import stationarity
