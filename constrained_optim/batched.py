@@ -706,7 +706,7 @@ class BatchedSQP(torch.optim.Optimizer):
                                            self._tol_ineq)
             if sampled.solved and sampled.stationarity < float(stat[a]):
                 stat[a], comp[a], lam[a], samples[a] = (sampled.stationarity, sampled.complementarity,
-                                                        sampled.multipliers, order.numel())
+                                                        sampled.multipliers, sampled.points)
 
     # ------------------------------------------------------------------------------ checkpoint/resume
     def state_dict(self) -> dict:

@@ -45,7 +45,7 @@ _CORRECTIONS = 3             # second-order corrections tried at the full step (
 _RESCUES = 3                 # random perturbations off a kink allowed per run
 _DENSE_LIMIT = 4096          # memory=None: dense BFGS up to this many variables, L-BFGS beyond
 _AUTO_MEMORY = 20
-_SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (samples × (1 + m) variables)
+_SAMPLE_QP_LIMIT = 1000      # largest gradient-sampling QP (k (1 + m − s) + s variables, stationarity.py)
 _SAMPLE_BUDGET = 1 << 24     # numbers held by the gradient samples, samples × (m + 2) n (128 MiB in float64)
 _MANY_ROWS = 1000            # more scalar constraint rows than this: warn (m×m dual QP, m×n Jacobian)
 
@@ -120,9 +120,10 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         c1, c2: sufficient-decrease and curvature constants of the weak Wolfe search (1e-4, 0.5).
         max_ls_evals: closure calls allowed per line search (50).
         ngrad: gradients kept for the nonsmooth (gradient-sampling) stationarity test.
-            Default ``min(100, 2n, n + 10)``, capped so that the sampling QP has at most 1000 variables and the
-            samples (x, ∇f and J at each) hold at most 2²⁴ numbers, ``samples · (m + 2) · n <= 2²⁴`` (128 MiB
-            in float64): at n = 10⁶ only the current point is sampled, whatever m.
+            Default ``min(100, 2n, n + 10)``, capped so that the samples (x, ∇f and J at each) hold at most
+            2²⁴ numbers, ``samples · (m + 2) · n <= 2²⁴`` (128 MiB in float64): at n = 10⁶ only the current point
+            is sampled, whatever m. A fit uses the newest k nearby samples whose QP has at most 1000 variables,
+            ``k (1 + m − s) + s <= 1000`` for s rows equal at all of them (constraints linear in x).
         sample_radius: only iterates within ``sample_radius · max(1, ‖x‖∞)`` of x are sampled. A
             sampled certificate says that x is within that distance of a point where the gradients
             nearly cancel (Clarke ε-stationarity), so the default is small: ``max(1e-8, 10 eps)``.
@@ -372,7 +373,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _sample_count(self, m: int) -> int:
         n = self._flat.n
-        return max(1, min(self._ngrad, _SAMPLE_QP_LIMIT // (1 + m), _SAMPLE_BUDGET // ((m + 2) * n)))
+        return max(1, min(self._ngrad, _SAMPLE_BUDGET // ((m + 2) * n)))
 
     def _iterate(self, closure: Callable[[], Tensor]) -> None:
         st = self._state
@@ -566,9 +567,9 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                 # current point first, then the other nearby iterates
                 grads = torch.stack([g for g, _ in near[::-1]])
                 sampled = stationarity.measure(grads, [Js for _, Js in near[::-1]], point.c, p, g_scale,
-                                               self._tol_ineq)
+                                               self._tol_ineq, max_size=_SAMPLE_QP_LIMIT)
                 if sampled.solved and (sampled.stationarity < meas.stationarity or not meas.solved):
-                    meas, samples = sampled, len(near)
+                    meas, samples = sampled, sampled.points
         lam = meas.multipliers
         return Certificate(
             stationarity=meas.stationarity if meas.solved else math.inf,

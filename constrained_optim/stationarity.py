@@ -6,7 +6,8 @@ point; ``k > 1``: nearby iterates, *gradient sampling* for nonsmooth problems), 
     min_{w, λ}  ½ ‖ Σ_j w_j ∇f_j + Σ_j J_jᵀ λ_j ‖²  +  ½ Σ_j Σ_{i∈I} (κ_i ‖∇c_i‖ λ_{j,i})²
     s.t.        w ≥ 0,  Σ_j w_j = 1,   λ_{j,I} ≥ 0,
 
-where ``κ_i = σ_i / (σ_i + tol_ineq)`` with ``σ_i = max(0, −c_i / min(1, ‖∇c_i‖₂) − tol_ineq)`` (0 for
+(a row equal at all k points, of a constraint linear in x, has one multiplier λ_i for all of them), where
+``κ_i = σ_i / (σ_i + tol_ineq)`` with ``σ_i = max(0, −c_i / min(1, ‖∇c_i‖₂) − tol_ineq)`` (0 for
 constraints whose value *and* first-order distance to their boundary are within the tolerance, which count as
 active; → 1 for clearly inactive ones) charges a multiplier on an inactive constraint as much as the residual
 it removes, so that complementarity is part of the fit. The distance matters for badly scaled constraints: one
@@ -42,6 +43,7 @@ class Stationarity:
     multipliers: Tensor  # (m,) λ = Σ_j λ_j, in the units of f per unit of c
     solved: bool
     qp: QPResult | None = None  # the fit at one point (k = 1): a warm start for the next fit
+    points: int = 1             # the points the fit used (k, or fewer under ``max_size``)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class BatchedStationarity:
 
 
 def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_scale: float, tol_ineq: float,
-            warm_start: QPResult | None = None) -> Stationarity:
+            warm_start: QPResult | None = None, max_size: int | None = None) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
 
     Args:
@@ -65,6 +67,7 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         g_scale: the gradient scale ``s`` (positive).
         tol_ineq: inequality feasibility tolerance (sets ``κ``).
         warm_start: the ``qp`` of an earlier single-point measure with the same m (speed only).
+        max_size: the most variables of the sampled fit's QP (k > 1): only the first points that fit are used.
     """
     J0 = jacobians[0]
     m, n = J0.shape
@@ -76,11 +79,11 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         gram = J0.gram() / (unit[:, None] * unit[None, :])        # unit rows: J_u J_uᵀ
         qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ grads[0]) / (unit * g_scale), lower, upper,
                           warm_start=warm_start)
-        lam_unit, solved = qp.z, bool(qp.solved)
+        lam_unit, solved, points = qp.z, bool(qp.solved), 1
         residual = max_abs((J0.T @ (qp.z * (g_scale / unit))).add_(grads[0])) / g_scale
     else:
         J = torch.stack([Js.to_dense().to(grads.dtype) for Js in jacobians]) / unit[:, None]
-        lam_unit, r, solved = _sampled(grads / g_scale, J, kappa, lower, upper)
+        lam_unit, r, solved, points = _sampled(grads / g_scale, J, kappa, lower, upper, max_size)
         residual = max_abs(r)
     lam = lam_unit / unit * g_scale
     charged = (kappa * lam.abs())[:p]
@@ -92,6 +95,7 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         multipliers=lam,
         solved=solved,
         qp=qp,
+        points=points,
     )
 
 
@@ -134,25 +138,38 @@ def _activity(c: Tensor, unit: Tensor, live: Tensor, p: int, tol_ineq: float) ->
     return kappa, lower, upper
 
 
-def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor):
+def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, max_size: int | None = None):
+    """The sampled fit (k points, the first ones that keep the QP within ``max_size`` variables). Rows equal at
+    every point (constraints linear in x, bounds) get one multiplier for all points instead of one per point
+    (``Σ_j J_jᵀλ_j = J_iᵀ Σ_j λ_j`` for such a row i): the QP has ``k + s + k (m − s)`` variables for s such rows,
+    not ``k (1 + m)``."""
     k, m, n = J.shape
-    C = torch.cat([g.T, J.reshape(k * m, n).T], dim=1)   # (n, k + k m): columns ∇f_j, then rows of J_j
-    penalty = torch.cat([torch.zeros(k, dtype=g.dtype, device=g.device), (kappa * kappa).repeat(k)])
+    shared = (J == J[:1]).all(dim=2).all(dim=0)
+    own = ~shared
+    s, o = int(shared.sum()), m - int(shared.sum())
+    if max_size is not None:
+        k = max(1, min(k, (max_size - s) // (1 + o)))
+        g, J = g[:k], J[:k]
+    C = torch.cat([g.T, J[0, shared].T, J[:, own].reshape(k * o, n).T], dim=1)   # (n, k + s + k o)
+    zeros = torch.zeros(k, dtype=g.dtype, device=g.device)
+    penalty = torch.cat([zeros, kappa[shared] ** 2, (kappa[own] ** 2).repeat(k)])
     Q = C.T @ C + torch.diag(penalty)
-    size = k + k * m
-    lo = torch.cat([torch.zeros(k, dtype=g.dtype, device=g.device), lower.repeat(k)])
-    hi = torch.cat([torch.full((k,), float("inf"), dtype=g.dtype, device=g.device), upper.repeat(k)])
+    size = k + s + k * o
+    lo = torch.cat([zeros, lower[shared], lower[own].repeat(k)])
+    hi = torch.cat([torch.full((k,), float("inf"), dtype=g.dtype, device=g.device), upper[shared], upper[own].repeat(k)])
     eye = torch.eye(size, dtype=g.dtype, device=g.device)
     has_lo, has_hi = torch.isfinite(lo), torch.isfinite(hi)
     G = torch.cat([-eye[has_lo], eye[has_hi]])
     h = torch.cat([-lo[has_lo], hi[has_hi]])
     A = torch.cat([torch.ones(1, k, dtype=g.dtype, device=g.device),
-                   torch.zeros(1, k * m, dtype=g.dtype, device=g.device)], dim=1)
+                   torch.zeros(1, size - k, dtype=g.dtype, device=g.device)], dim=1)
     b = torch.ones(1, dtype=g.dtype, device=g.device)
     res = solve_qp(Q, torch.zeros(size, dtype=g.dtype, device=g.device), G, h, A, b)
     z = res.z
-    lam = z[k:].reshape(k, m).sum(dim=0)
-    return lam, C @ z, bool(res.solved)
+    lam = torch.zeros(m, dtype=g.dtype, device=g.device)
+    lam[shared] = z[k:k + s]
+    lam[own] = z[k + s:].reshape(k, o).sum(dim=0)
+    return lam, C @ z, bool(res.solved), k
 
 
 def infeasibility(J: Jacobian, c: Tensor, p: int, tol_ineq: float, tol_eq: float) -> float:

@@ -61,7 +61,7 @@ def test_nan_trial_points_are_rejected_and_never_left_in_the_parameters():
 
     def f(x):
         value = -torch.log(x).sum() + 10 * x.sum()
-        seen.append(float(value))
+        seen.append(float(value.detach()))
         return value
     res = _run(f, x, [co.ineq(lambda: x - 2.0)])
     assert any(math.isnan(v) for v in seen)              # a NaN trial really happened
@@ -121,6 +121,41 @@ def test_sampled_certificate_is_not_claimed_far_from_the_optimum():
             assert abs(res.fun - fopt) <= 1e-6 * fopt
     assert res.certificate.samples >= 1
 
+
+
+def test_sampled_fit_with_rows_shared_by_all_points_matches_scipy():
+    """Rows equal at every sampled point (linear constraints) get one multiplier in the sampled fit: with all rows
+    active (κ = 0) its residual is the least over per-point multipliers, which SciPy's SLSQP finds in the original
+    form (one λ per point and row), and the multipliers are the sums over the points of SciPy's."""
+    import numpy as np
+    import scipy.optimize
+    from constrained_optim.stationarity import _sampled
+    gen = torch.Generator().manual_seed(4)
+    k, n, m = 3, 12, 3                      # rows 0 (inequality) and 2 (equality) linear, row 1 (inequality) not
+    g = torch.randn(k, n, generator=gen, dtype=F64)
+    J = torch.randn(k, m, n, generator=gen, dtype=F64)
+    J[:, [0, 2]] = torch.randn(2, n, generator=gen, dtype=F64)
+    lower = torch.tensor([0.0, 0.0, -math.inf], dtype=F64)
+    lam, r, solved, points = _sampled(g, J, torch.zeros(m, dtype=F64), lower, torch.full((m,), math.inf, dtype=F64))
+    assert solved and points == k
+
+    gn, Jn = g.numpy(), J.numpy()
+
+    def residual(z):
+        return z[:k] @ gn + np.einsum("jm,jmn->n", z[k:].reshape(k, m), Jn)
+    ref = scipy.optimize.minimize(
+        lambda z: 0.5 * residual(z) @ residual(z), np.r_[np.full(k, 1 / k), np.zeros(k * m)],
+        jac=lambda z: np.r_[gn @ residual(z), np.einsum("jmn,n->jm", Jn, residual(z)).ravel()],
+        bounds=[(0, None)] * k + [(0, None), (0, None), (None, None)] * k,
+        constraints=[{"type": "eq", "fun": lambda z: z[:k].sum() - 1, "jac": lambda z: np.r_[np.ones(k), np.zeros(k * m)]}],
+        method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+    assert ref.success
+    assert np.linalg.norm(residual(ref.x)) > 0.1       # not stationary: the fit has something to minimize
+    assert np.allclose(r.numpy(), residual(ref.x), atol=1e-6)
+    assert np.allclose(lam.numpy(), ref.x[k:].reshape(k, m).sum(0), atol=1e-5)
+    # within max_size (k + 2 + k · 1 variables: 2 shared rows) only the first points: 7 fits 2 of them
+    _, _, _, points = _sampled(g, J, torch.zeros(m, dtype=F64), lower, torch.full((m,), math.inf, dtype=F64), 7)
+    assert points == 2
 
 def test_lbfgs_and_dense_reach_the_same_answer():
     answers = []
