@@ -291,6 +291,33 @@ def test_warm_start():
     torch.testing.assert_close(warm.z, cold.z, atol=1e-9, rtol=0)
 
 
+
+def test_warm_start_of_a_large_batch_solves_the_running_elements_alone(monkeypatch):
+    """A warm start that is right for most of a batch of 64 (the active-set iterations then go on with the running
+    elements only) gives each element the answer it gets alone."""
+    import constrained_optim.qp._box as box
+    rng = np.random.default_rng(8)
+    B, m = 64, 12
+    J = rng.standard_normal((B, m, m))
+    M = torch.tensor(J @ J.transpose(0, 2, 1))
+    q = torch.tensor(rng.standard_normal((B, m)))
+    cold = solve_box_qp(M, q, 0.0, 1.0)
+    shift = torch.zeros(B, m, dtype=F64)
+    shift[::8] = torch.tensor(rng.standard_normal((B // 8, m)))   # 8 of the 64 change their active set
+    sizes = []
+    real = box._reduced_solve
+
+    def spy(S, *args):
+        sizes.append(len(S.Q))
+        return real(S, *args)
+    monkeypatch.setattr(box, "_reduced_solve", spy)
+    warm = solve_box_qp(M, q + shift, 0.0, 1.0, warm_start=cold)
+    assert sizes[0] == B and any(0 < size <= B // 2 for size in sizes[1:])
+    assert warm.solved.all() and (warm.iterations[1::8] == 1).all() and (warm.iterations[::8] > 1).any()
+    for b in range(B):
+        alone = solve_box_qp(M[b], q[b] + shift[b], 0.0, 1.0)
+        torch.testing.assert_close(warm.z[b], alone.z, atol=1e-9, rtol=0)
+
 def test_result_structure_and_unconstrained():
     Q = torch.eye(3, dtype=F64) * 2
     p = torch.tensor([2.0, -4.0, 0.0], dtype=F64)

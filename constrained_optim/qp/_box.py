@@ -148,11 +148,19 @@ def _reduced_solve(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, refine: int =
     return z, g, lam_l, lam_u, _box_kkt(S, Qz, z, lam_l, lam_u), z_raw
 
 
+def _put_rows(full: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """A copy of ``full`` with ``rows`` in the rows ``idx``."""
+    out = full.clone()
+    out[idx] = rows
+    return out
+
+
 def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_iter: int):
     """Primal-dual active-set iterations (semismooth Newton on the complementarity conditions: with
     y = lam_u - lam_l the next upper set is {y + z - u > 0}, the lower set {y + z - l < 0}) from the
     given active set and point. An element stops when solved, when its active set repeats (1- and
-    2-cycles, which singular Q can cause) or when the reduced solve is not finite.
+    2-cycles, which singular Q can cause) or when the reduced solve is not finite. Once at most half of a
+    batch above ``_SMALL_BATCH`` is running, only the running elements are solved.
 
     Returns the best z, lam_l, lam_u, residual and the iterations."""
     def key(at_l, at_u):
@@ -160,8 +168,17 @@ def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_it
 
     history = [key(at_l, at_u)]
     z = torch.minimum(torch.maximum(z, S.lb), S.ub)
+    B = z.shape[0]
     for it in range(max_iter):
-        z, g, lam_l, lam_u, res, z_raw = _reduced_solve(S, z, at_l, at_u, _PDAS_REFINE_STEPS)
+        left = int(running.sum()) if it else B
+        if B > _SMALL_BATCH and left <= B // 2:
+            # the finished elements' values are not used again: solve for the running ones only
+            idx = running.nonzero().squeeze(-1)
+            part = _reduced_solve(S.index(idx), z[idx], at_l[idx], at_u[idx], _PDAS_REFINE_STEPS)
+            z, g, lam_l, lam_u, res, z_raw = (_put_rows(full, idx, rows)
+                                              for full, rows in zip((z, g, lam_l, lam_u, res, z_raw), part))
+        else:
+            z, g, lam_l, lam_u, res, z_raw = _reduced_solve(S, z, at_l, at_u, _PDAS_REFINE_STEPS)
         if it == 0:
             # (the first point is the best so far wherever its residual is finite; elsewhere best_res = inf
             # and the point is never used)
