@@ -138,7 +138,7 @@ def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor
         decrease = torch.isfinite(phi) & (phi <= phi0 + c1 * t * g0) & torch.isfinite(slope)
         # where the decrease fails within the noise, the slopes decide (approximate Wolfe, see the module doc)
         near = ~decrease & (phi <= phi0 + c1 * t * g0 + noise)
-        flat = slope if slope_within_noise is None or not bool(near.any()) else slope_within_noise(trial, slope)
+        flat = slope if slope_within_noise is None else slope_within_noise(trial, slope)
         approximate = near & (c2 * g0 <= flat) & (flat <= (2 * c1 - 1) * g0)
         beta = torch.where(active & ~decrease & ~approximate, t, beta)
         grow = active & decrease & (slope < c2 * g0)

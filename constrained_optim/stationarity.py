@@ -146,7 +146,8 @@ def _sampled(g: Tensor, J: Tensor, kappa: Tensor, lower: Tensor, upper: Tensor, 
     k, m, n = J.shape
     shared = (J == J[:1]).all(dim=2).all(dim=0)
     own = ~shared
-    s, o = int(shared.sum()), m - int(shared.sum())
+    s = int(shared.sum())
+    o = m - s
     if max_size is not None:
         k = max(1, min(k, (max_size - s) // (1 + o)))
         g, J = g[:k], J[:k]

@@ -168,9 +168,8 @@ def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_it
 
     history = [key(at_l, at_u)]
     z = torch.minimum(torch.maximum(z, S.lb), S.ub)
-    B = z.shape[0]
+    B = left = z.shape[0]
     for it in range(max_iter):
-        left = int(running.sum()) if it else B
         if B > _SMALL_BATCH and left <= B // 2:
             # the finished elements' values are not used again: solve for the running ones only
             idx = running.nonzero().squeeze(-1)
@@ -199,7 +198,8 @@ def _box_pdas(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, tol: float, max_it
         for old in history:
             running &= (new != old).any(-1)
         history = (history + [new])[-2:]
-        if not bool(running.any()):
+        left = int(running.sum())
+        if not left:
             break
     return best_z, best_l, best_u, best_res, iterations
 
