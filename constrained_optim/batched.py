@@ -588,10 +588,13 @@ class BatchedSQP(torch.optim.Optimizer):
         accepted, running = torch.zeros_like(rows), rows.clone()
         out = trial
         for _ in range(_CORRECTIONS):
-            step, solvable = _least_norm_correction(P.J, trial.c, trial.c - target, p)
-            running &= solvable
-            if not bool(running.any()):
+            idx = running.nonzero().squeeze(-1)       # (the others' corrections are not used: not computed)
+            part, solvable = _least_norm_correction(P.J[idx], trial.c[idx], (trial.c - target)[idx], p)
+            running[idx] = solvable
+            if not bool(solvable.any()):
                 break
+            step = torch.zeros_like(P.x)
+            step[idx] = part
             new = trial_at(torch.where(running[:, None], trial.x + step, P.x))
             running &= new.finite
             passed = running & (self._phi(new, mu) <= bar)
