@@ -52,7 +52,7 @@ from .qp import QPResult
 from .sets import Set
 from .sqp import (_AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _RESCUES, _SAMPLE_QP_LIMIT, check_options,
                   tolerances_and_steering)
-from .steering import BatchedDirection, violation, violation_weights
+from .steering import BatchedDirection, at_rounding, phi_noise, violation, violation_weights
 
 _WORK = torch.float64
 _EPS = torch.finfo(_WORK).eps
@@ -348,13 +348,6 @@ class BatchedSQP(torch.optim.Optimizer):
         size = P.x.abs().amax(-1, keepdim=True).clamp(min=1.0) if P.x.shape[-1] else torch.ones_like(P.f)[:, None]
         return 10 * _EPS * size * torch.linalg.vector_norm(P.J, dim=-1)
 
-    def _phi_noise(self, P: _Points, mu: Tensor, floor: Tensor) -> Tensor:
-        """The rounding error of φ_b(·; μ_b) near x_b, as in ConstrainedSQP: ``10 eps μ_b|f_b|`` plus ``δ_i``
-        (:meth:`_rounding`) of each row that can enter v (equalities, inequalities above −δ_i)."""
-        p = self._state["p"]
-        enters = torch.cat([P.c[:, :p] >= -floor[:, :p], torch.ones_like(P.c[:, p:], dtype=torch.bool)], dim=-1)
-        return 10 * _EPS * mu * P.f.abs() + torch.where(enters, floor, 0.0).sum(-1)
-
     def _feasible(self, c: Tensor) -> Tensor:
         ineq, eq = _linf(c, self._state["p"])
         return (ineq <= self._tol_ineq) & (eq <= self._tol_eq)
@@ -563,11 +556,10 @@ class BatchedSQP(torch.optim.Optimizer):
             # which the trial's single backward pass does not give (the rows are nearly active: the two agree
             # to the curvature of c times ‖t d‖)
             p = self._state["p"]
-            rounding = torch.cat([trial.c[:, :p] <= floor[:, :p], trial.c[:, p:].abs() <= floor[:, p:]], dim=-1)
-            return slope - torch.where(rounding, violation_weights(trial.c, p) * Jd, 0.0).sum(-1)
+            return slope - torch.where(at_rounding(trial.c, floor, p), violation_weights(trial.c, p) * Jd, 0.0).sum(-1)
         result = weak_wolfe_batched(evaluate_at, phi0, g0, t0, searching & ~done, c1, self.defaults["c2"],
-                                    self.defaults["max_ls_evals"], first=first, noise=self._phi_noise(P, mu, floor),
-                                    slope_within_noise=slope_within_noise)
+                                    self.defaults["max_ls_evals"], first=first, slope_within_noise=slope_within_noise,
+                                    noise=phi_noise(P.f, P.c, mu, floor, self._state["p"]))
         if corrected is not None:
             result.outcome = torch.where(done, int(BatchedOutcome.DECREASE_ONLY), result.outcome)
             result.t = torch.where(done, 1.0, result.t)

@@ -37,7 +37,7 @@ from .hessian import LBFGS, DenseBFGS, Sandwich
 from .jacobian import Jacobian
 from .linesearch import LineSearchResult, Outcome, weak_wolfe
 from .qp import QPResult
-from .steering import Steering, violation, violation_weights
+from .steering import Steering, at_rounding, phi_noise, violation, violation_weights
 
 _WORK = torch.float64
 _EPS = torch.finfo(_WORK).eps
@@ -296,8 +296,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         rounding ``floor`` δ, without the rows within δ of their bound (whose sign is rounding)."""
         w = violation_weights(point.c, self._state["p"])
         if floor is not None:
-            p = self._state["p"]
-            w = torch.where(torch.cat([point.c[:p] > floor[:p], point.c[p:].abs() > floor[p:]]), w, 0.0)
+            w = torch.where(at_rounding(point.c, floor, self._state["p"]), 0.0, w)
         return float(mu * point.g.dot(d) + point.jacobian().bilinear(w, d))
 
     def _phi(self, point: _Point, mu: float) -> float:
@@ -307,15 +306,6 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         """``δ_i = 10 eps τ_i`` with ``τ_i = ‖∇c_i‖₂ max(1, ‖x‖∞)``, the scale of the terms that make up c_i: below δ_i
         a value of c_i is rounding."""
         return 10 * _EPS * max(1.0, point.x_inf) * point.jacobian().row_norms()
-
-    def _phi_noise(self, point: _Point, mu: float, floor: Tensor) -> float:
-        """The rounding error of φ(·; μ) near x: ``10 eps μ|f|`` plus ``δ_i`` (:meth:`_rounding`) of each row that can
-        enter v (equalities, inequalities above ``−δ_i``). Near an active constraint it is that constraint's rounding
-        which hides a decrease of μ f, the more so the smaller f is scaled."""
-        p = self._state["p"]
-        enters = torch.ones_like(point.c, dtype=torch.bool)
-        enters[:p] = point.c[:p] >= -floor[:p]
-        return 10 * _EPS * mu * abs(point.f) + float(torch.where(enters, floor, 0.0).sum())
 
     # -------------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -431,14 +421,14 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _search(self, closure, point: _Point, d: Tensor, mu: float, phi0: float, g0: float,
                 t0: float) -> LineSearchResult:
-        """Weak Wolfe search along d from t0 (tolerating the rounding of φ, see :meth:`_phi_noise`); when the full
-        step (t0 = 1) fails sufficient decrease, first try it with second-order corrections (which remove the
-        Maratos effect of curved constraints)."""
+        """Weak Wolfe search along d from t0 (tolerating the rounding of φ, see :func:`.steering.phi_noise`); when
+        the full step (t0 = 1) fails sufficient decrease, first try it with second-order corrections (which remove
+        the Maratos effect of curved constraints)."""
         c1 = self.defaults["c1"]
         floor = self._rounding(point)
         evaluate_at = self._trial_evaluator(closure, point, d, mu, floor)
         search = dict(c1=c1, c2=self.defaults["c2"], max_evaluations=self.defaults["max_ls_evals"],
-                      noise=self._phi_noise(point, mu, floor))
+                      noise=float(phi_noise(point.f, point.c, mu, floor, self._state["p"])))
         if t0 != 1.0:
             return weak_wolfe(evaluate_at, phi0, g0, t0=t0, **search)
         full = evaluate_at(1.0)
