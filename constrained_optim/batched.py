@@ -572,7 +572,8 @@ class BatchedSQP(torch.optim.Optimizer):
         x̃ ← x̃ + d_c with d_c = −J_aᵀ (J_a J_aᵀ)⁻¹ r, the least-norm step that brings the rows a the violation
         depends on (equalities, violated inequalities at x̃) back to the QP's linear model at x,
         r = c_a(x̃) − target, target = c + J d (equalities), max(c + J d, 0) (inequalities); J stays J(x).
-        A problem accepts the first corrected point with φ ≤ ``bar``. Returns the corrected trials and which
+        A problem accepts the first corrected point with φ ≤ ``bar``, and stops at a correction that does not lower
+        the violation. Returns the corrected trials and which
         problems accepted one."""
         p = self._state["p"]
         linear = P.c + (P.J @ d[:, :, None])[:, :, 0]
@@ -588,7 +589,7 @@ class BatchedSQP(torch.optim.Optimizer):
             step = torch.zeros_like(P.x)
             step[idx] = part
             new = trial_at(torch.where(running[:, None], trial.x + step, P.x))
-            running &= new.finite
+            running &= new.finite & (violation(new.c, p) < violation(trial.c, p))     # it must lower the violation
             passed = running & (self._phi(new, mu) <= bar)
             out, accepted = new.where(passed, out), accepted | passed
             running &= ~passed

@@ -300,7 +300,10 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         return float(mu * point.g.dot(d) + point.jacobian().bilinear(w, d))
 
     def _phi(self, point: _Point, mu: float) -> float:
-        return mu * point.f + float(violation(point.c, self._state["p"]))
+        return mu * point.f + self._violation(point)
+
+    def _violation(self, point: _Point) -> float:
+        return float(violation(point.c, self._state["p"]))
 
     def _rounding(self, point: _Point) -> Tensor:
         """``δ_i = 10 eps τ_i`` with ``τ_i = ‖∇c_i‖₂ max(1, ‖x‖∞)``, the scale of the terms that make up c_i: below δ_i
@@ -442,8 +445,11 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
                 full[2].jacobian()     # (its slope may be asked for after the corrections have moved the parameters)
             corrected = full[2]
             for k in range(_CORRECTIONS):
+                previous = corrected
                 corrected = self._second_order_correction(closure, point, linear, corrected)
-                if corrected is None:
+                # a correction is there to lower the violation: one that does not has failed, whatever φ says
+                # (φ may fall by a far larger step in f, where f is unbounded off the feasible set)
+                if corrected is None or not self._violation(corrected) < self._violation(previous):
                     break
                 if self._phi(corrected, mu) <= phi0 + c1 * g0:
                     if not corrected.jacobian_finite:      # J only where the point is accepted

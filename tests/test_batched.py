@@ -132,6 +132,22 @@ def test_solution_invariant_to_objective_scale(seed, scale):
     x = x.detach()
     assert torch.allclose(x[1:], x[:1].expand(2, -1), atol=1e-6 * max(1.0, float(x[0].abs().max())), rtol=0)
 
+def test_a_correction_that_raises_the_violation_is_not_taken():
+    # Hock & Schittkowski 78 from two starts (see tests/test_sqp.py): from the second the first correction of the
+    # full step raised the violation from 4.2 to 8e10 while φ fell, and the problem ended STALLED_INFEASIBLE
+    from test_sqp import HS78_START
+    x = torch.tensor([(-2.0, 1.5, 2.0, -1.0, -1.0), HS78_START], dtype=F64, requires_grad=True)
+
+    def c():
+        return torch.stack([(x ** 2).sum(-1) - 10, x[:, 1] * x[:, 2] - 5 * x[:, 3] * x[:, 4],
+                            x[:, 0] ** 3 + x[:, 1] ** 3 + 1], dim=-1)
+    opt = co.BatchedSQP([x], [co.eq(c, name="hs78")])
+    _solve(opt, lambda: x.prod(-1))
+    assert bool(opt.converged.all()), opt.status
+    for cert in opt.certificates:
+        assert cert.objective == pytest.approx(-2.919700410, abs=1e-8)
+
+
 def test_each_answer_is_independent_of_the_other_problems():
     data = _random_qps(6, seed=3)
     x_batch, opt = _batched_qp(*data)

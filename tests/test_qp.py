@@ -199,6 +199,26 @@ def test_sqp_dual_badly_scaled_singular():
         assert r.solved.all() and (r.residual <= 1e-9).all()
 
 
+@pytest.mark.parametrize("tiny", [1e-16, 1e-14, 0.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_row_of_rounding_size_is_not_scaled_up(seed, tiny):
+    # Q = J Jᵀ of the SQP's dual where one row of J vanishes at x up to rounding (hs108: ∇(x₉² − 1) at x₉ ≈ 1e-15),
+    # with an O(1) linear term: equilibrating that row by 1/√Q_ii (≈ 1e16) made its linear term the scale of every
+    # residual, and z = 0 was returned as SOLVED with the true minimum below
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((6, 4))
+    J[1] *= tiny
+    Q, p = J @ J.T, rng.standard_normal(6)
+    p[1] = 1.0
+    lo, up = np.zeros(6), np.ones(6)
+    ref = box_oracle(Q, p, lo, up)
+    assert ref < -1e-3
+    assert_box_matches_oracle(Q, p, lo, up)
+    eye = np.eye(6)
+    r = solve_qp(*(torch.tensor(a) for a in (Q, p, np.r_[-eye, eye], np.r_[-lo, up])))
+    assert r.solved.all() and abs(objective(Q, p, r.z.numpy()) - ref) <= 1e-8 * (1 + abs(ref))
+
+
 def test_infinite_bounds_mixes():
     rng = np.random.default_rng(4)
     n = 8

@@ -392,6 +392,25 @@ def test_second_order_corrections_remove_the_maratos_effect(monkeypatch):
     assert any(calls)                 # a correction was tried and taken
 
 
+# Hock & Schittkowski 78: min x₁x₂x₃x₄x₅ s.t. Σxᵢ² = 10, x₂x₃ = 5x₄x₅, x₁³ + x₂³ = −1 (f* = −2.91970041); f is
+# quintic and the constraints at most cubic, so φ = μf + v is unbounded below off the feasible set for every μ.
+# From this start (the book's, perturbed) the first correction of the full step moved x to ‖x‖ ≈ 2e3, with
+# f = −4.5e15 and violation 8e10: φ fell, and the run ended STALLED_INFEASIBLE at ‖c‖ ≈ 5e100
+HS78_START = (-1.38772426, 0.86108374, 2.12542965, -1.11355392, -1.09052986)
+
+
+def _hs78(x):
+    return (x.prod(), torch.stack([(x ** 2).sum() - 10, x[1] * x[2] - 5 * x[3] * x[4], x[0] ** 3 + x[1] ** 3 + 1]))
+
+
+def test_a_correction_that_raises_the_violation_is_not_taken():
+    x = torch.tensor(HS78_START, dtype=F64, requires_grad=True)
+    res = _run(lambda x: _hs78(x)[0], x, [co.eq(lambda: _hs78(x)[1], name="hs78")])
+    assert res.status is co.Status.CONVERGED
+    assert res.fun == pytest.approx(-2.919700410, abs=1e-8)
+    assert res.violation <= 1e-8
+
+
 def test_no_corrections_where_the_objective_itself_rejects_the_step(monkeypatch):
     # a kink of f (|·|) with a linear constraint: the full step keeps c on its linear model, so a correction
     # cannot help and is not tried (each try would cost an evaluation)

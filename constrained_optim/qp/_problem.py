@@ -79,9 +79,12 @@ def _kkt_residual(P: _Problem, z: Tensor, lam: Tensor, nu: Tensor) -> Tensor:
 
 
 def _column_scale(Q: Tensor) -> Tensor:
-    """D = diag(Q)^{-1/2} (1 where the diagonal is zero), so that DQD has unit diagonal."""
+    """D = diag(Q)^{-1/2}, so that DQD has unit diagonal; 1 where the diagonal is zero, or rounding next to the
+    largest one (≤ eps max_j Q_jj, e.g. a row of J that vanishes at x in Q = J H Jᵀ: scaling it by 1/√Q_ii would
+    blow its linear term up to the size that every residual is measured against)."""
     diag = Q.diagonal(dim1=-2, dim2=-1)
-    return torch.where(diag > 1e-300, diag.clamp(min=1e-300).rsqrt(), 1.0)
+    floor = (torch.finfo(Q.dtype).eps * _amax(diag)).clamp(min=1e-300)
+    return torch.where(diag > floor.unsqueeze(-1), diag.clamp(min=1e-300).rsqrt(), 1.0)
 
 
 def _row_scale(M: Tensor) -> Tensor:
