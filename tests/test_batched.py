@@ -148,6 +148,23 @@ def test_a_correction_that_raises_the_violation_is_not_taken():
         assert cert.objective == pytest.approx(-2.919700410, abs=1e-8)
 
 
+def test_hs108_from_perturbed_starts_in_one_batch():
+    # the book's start and 7 perturbed ones (as in test_problems::_perturbed_start, ε = 0.1): two problems ended
+    # STALLED_FEASIBLE 2–3 % above f* while the box QP of the direction returned a wrong dual marked SOLVED
+    # (test_qp::test_a_row_of_rounding_size_is_not_scaled_up), and steering drove their μ towards 0
+    import numpy as np
+    from problems import get_problem
+    from test_problems import _perturbed_start
+    prob = get_problem("hs108")
+    starts = [np.asarray(prob.x0)] + [_perturbed_start(prob, seed, 0.1) for seed in range(1, 8)]
+    x = torch.tensor(np.stack(starts), dtype=F64, requires_grad=True)
+    opt = co.BatchedSQP([x], [co.ineq(lambda: torch.vmap(prob.ineq)(x))])
+    _solve(opt, lambda: torch.vmap(prob.f)(x), max_steps=1000)
+    assert bool(opt.converged.all()), opt.status
+    for cert in opt.certificates:
+        assert cert.objective == pytest.approx(prob.f_opt, abs=1e-8)
+
+
 def test_each_answer_is_independent_of_the_other_problems():
     data = _random_qps(6, seed=3)
     x_batch, opt = _batched_qp(*data)
