@@ -62,6 +62,7 @@ class FlatParams:
         self.numels = [p.numel() for p in params]
         self.n = sum(self.numels)
         self.dtype = params[0].dtype
+        self.eps = torch.finfo(self.dtype).eps      # the precision the closure computes in
         self.device = params[0].device
 
     def offset(self, param: Tensor) -> int | None:
@@ -138,6 +139,7 @@ class BatchedFlatParams:
         self.numels = [p[0].numel() for p in params]
         self.n = sum(self.numels)
         self.dtype = params[0].dtype
+        self.eps = torch.finfo(self.dtype).eps      # the precision the closure computes in
         self.device = params[0].device
 
     def get(self) -> Tensor:

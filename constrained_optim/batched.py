@@ -344,9 +344,9 @@ class BatchedSQP(torch.optim.Optimizer):
 
     def _rounding(self, P: _Points) -> Tensor:
         """(A, m): ``δ_i = 10 eps ‖∇c_i‖₂ max(1, ‖x_b‖∞)``, below which a value of c_i is rounding (as in
-        ConstrainedSQP)."""
+        ConstrainedSQP: eps of the parameters' dtype)."""
         size = P.x.abs().amax(-1, keepdim=True).clamp(min=1.0) if P.x.shape[-1] else torch.ones_like(P.f)[:, None]
-        return 10 * _EPS * size * torch.linalg.vector_norm(P.J, dim=-1)
+        return 10 * self._flat.eps * size * torch.linalg.vector_norm(P.J, dim=-1)
 
     def _feasible(self, c: Tensor) -> Tensor:
         ineq, eq = _linf(c, self._state["p"])
@@ -559,7 +559,7 @@ class BatchedSQP(torch.optim.Optimizer):
             return slope - torch.where(at_rounding(trial.c, floor, p), violation_weights(trial.c, p) * Jd, 0.0).sum(-1)
         result = weak_wolfe_batched(evaluate_at, phi0, g0, t0, searching & ~done, c1, self.defaults["c2"],
                                     self.defaults["max_ls_evals"], first=first, slope_within_noise=slope_within_noise,
-                                    noise=phi_noise(P.f, P.c, mu, floor, self._state["p"]))
+                                    noise=phi_noise(P.f, P.c, mu, floor, self._state["p"], self._flat.eps))
         if corrected is not None:
             result.outcome = torch.where(done, int(BatchedOutcome.DECREASE_ONLY), result.outcome)
             result.t = torch.where(done, 1.0, result.t)

@@ -307,8 +307,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _rounding(self, point: _Point) -> Tensor:
         """``δ_i = 10 eps τ_i`` with ``τ_i = ‖∇c_i‖₂ max(1, ‖x‖∞)``, the scale of the terms that make up c_i: below δ_i
-        a value of c_i is rounding."""
-        return 10 * _EPS * max(1.0, point.x_inf) * point.jacobian().row_norms()
+        a value of c_i is rounding (eps of the parameters' dtype, in which the closure computes c)."""
+        return 10 * self._flat.eps * max(1.0, point.x_inf) * point.jacobian().row_norms()
 
     # -------------------------------------------------------------------------------------- the step
     @torch.no_grad()
@@ -431,7 +431,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         floor = self._rounding(point)
         evaluate_at = self._trial_evaluator(closure, point, d, mu, floor)
         search = dict(c1=c1, c2=self.defaults["c2"], max_evaluations=self.defaults["max_ls_evals"],
-                      noise=float(phi_noise(point.f, point.c, mu, floor, self._state["p"])))
+                      noise=float(phi_noise(point.f, point.c, mu, floor, self._state["p"], self._flat.eps)))
         if t0 != 1.0:
             return weak_wolfe(evaluate_at, phi0, g0, t0=t0, **search)
         full = evaluate_at(1.0)

@@ -51,12 +51,13 @@ def at_rounding(c: Tensor, floor: Tensor, p: int) -> Tensor:
     return torch.cat([c[..., :p] <= floor[..., :p], c[..., p:].abs() <= floor[..., p:]], dim=-1)
 
 
-def phi_noise(f: Tensor | float, c: Tensor, mu: Tensor | float, floor: Tensor, p: int) -> Tensor:
-    """The rounding error of ``φ = μ f + v(c)`` near a point: ``10 eps μ|f|`` plus the rounding ``δ_i = floor`` of each
+def phi_noise(f: Tensor | float, c: Tensor, mu: Tensor | float, floor: Tensor, p: int, eps: float) -> Tensor:
+    """The rounding error of ``φ = μ f + v(c)`` near a point: ``10 eps μ|f|`` (``eps``: of the dtype f and c were
+    computed in, the parameters', not the float64 they are kept in) plus the rounding ``δ_i = floor`` of each
     row that can enter v (equalities, inequalities above ``−δ_i``), over the last dimension. Near an active
     constraint it is that constraint's rounding which hides a decrease of μ f, the more so the smaller f is scaled."""
     enters = torch.cat([c[..., :p] >= -floor[..., :p], torch.ones_like(c[..., p:], dtype=torch.bool)], dim=-1)
-    return 10 * torch.finfo(c.dtype).eps * mu * abs(f) + torch.where(enters, floor, 0.0).sum(-1)
+    return 10 * eps * mu * abs(f) + torch.where(enters, floor, 0.0).sum(-1)
 
 
 @dataclass
