@@ -573,8 +573,7 @@ class BatchedSQP(torch.optim.Optimizer):
         depends on (equalities, violated inequalities at x̃) back to the QP's linear model at x,
         r = c_a(x̃) − target, target = c + J d (equalities), max(c + J d, 0) (inequalities); J stays J(x).
         A problem accepts the first corrected point with φ ≤ ``bar``, and stops at a correction that does not lower
-        the violation. Returns the corrected trials and which
-        problems accepted one."""
+        the violation. Returns the corrected trials and which problems accepted one."""
         p = self._state["p"]
         linear = P.c + (P.J @ d[:, :, None])[:, :, 0]
         target = torch.cat([linear[:, :p].clamp(min=0), linear[:, p:]], dim=-1)
