@@ -47,11 +47,13 @@ from torch import Tensor
 @dataclass
 class Sandwich:
     """The penalty QP's data at one point: ``M = J H Jᵀ``, ``JHg = J H ∇f``, and ``direction(μ, y) =
-    −H (μ ∇f + Jᵀy)``, the primal step of a dual solution y (from quantities the sandwich already has)."""
+    −H (μ ∇f + Jᵀy)``, the primal step of a dual solution y (from quantities the sandwich already has); ``Jg =
+    J ∇f`` where the sandwich's pass computed it (for the certificate's multiplier fit)."""
 
     M: Tensor
     JHg: Tensor
     direction: Callable[[float, Tensor], Tensor]
+    Jg: Tensor | None = None
 
 
 def _damp(s: Tensor, y: Tensor, yHy: Tensor, Hy: Callable[[], Tensor], theta: float) -> tuple[Tensor, Tensor]:
@@ -138,9 +140,9 @@ class LBFGS:
 
     The pairs live in one (2(memory + 1), n) buffer, ``s`` of slot j in row 2j and its ``y`` in row 2j + 1 (so that
     ``W``, the rows up to the last slot in use, is one contiguous block); ``order`` lists the slots in use, oldest
-    first, and ``SᵀY``, ``YᵀY`` (slot-indexed) are updated with each pair. The slot beyond the memory is where a
-    pair given to :meth:`defer` waits: the next :meth:`sandwich` takes its products ``Wᵀs``, ``Wᵀy`` from the pass
-    over W that it makes anyway, instead of a pass of their own. Rows of slots not in use are zero or hold an
+    first, and ``SᵀY`` (its upper triangle in that order), ``YᵀY`` (slot-indexed) are updated with each pair. The
+    slot beyond the memory is where a pair given to :meth:`defer` waits: the next :meth:`sandwich` takes its
+    products ``Wᵀy`` from the pass over W that it makes anyway, instead of a pass of their own. Rows of slots not in use are zero or hold an
     accepted pair (finite): their coefficients are zero.
     """
 
@@ -221,12 +223,12 @@ class LBFGS:
             self._flush()               # the first pair: nothing to share
         if not self.order and self._pending is None:
             G, Jg, _ = J.gram_and_times([g[None]])
-            return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y))
+            return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y), Jg[:, 0])
         W = self.W
-        left = [g[None]] if self._pending is None else [g[None], self._W[2 * self._pending:2 * self._pending + 2]]
-        # one pass: J Jᵀ, J W, J g, Wᵀg (and Wᵀs, Wᵀy of a deferred pair), but not the part of J W known already
+        left = [g[None]] if self._pending is None else [g[None], self._W[2 * self._pending + 1][None]]
+        # one pass: J Jᵀ, J W, J g, Wᵀg (and Wᵀy of a deferred pair), but not the part of J W known already
         G, JV, LV = J.gram_and_times([W, g[None]], left=left, known=self._known(J))
-        if self._pending is not None and not self._join(LV[1, :-1], LV[2, :-1]):
+        if self._pending is not None and not self._join(LV[1, :-1]):
             return self.sandwich(J, g)     # damped or skipped: the pair is settled on its own, then a fresh pass
         JW, Jg, Wg = JV[:, :-1], JV[:, -1], LV[0, :-1]
         self._kept = ([weakref.ref(B) for B in J.blocks], JW[J.dense_rows], list(self._stamps[:len(W)]))
@@ -237,7 +239,7 @@ class LBFGS:
             _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
             d = (J.T @ y).add_(g, alpha=mu).mul_(-gamma)       # in place: n-vectors are the cost at large n
             return d.addmv_(W.T, Xd[:, 0], alpha=-1.0)
-        return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction)
+        return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction, Jg)
 
     def _known(self, J) -> tuple[Tensor, list[bool], Tensor] | None:
         """The entries of the dense rows' ``D W`` that the last sandwich computed and that still hold: rows of
@@ -278,12 +280,11 @@ class LBFGS:
         if not _acceptable(sy, s, y):
             return False
         slot = self._write(s, y)
-        W = self._W[:2 * (max(self.order + [slot]) + 1)]
-        Ys = W[1::2] @ s                                  # [yᵢᵀs]ᵢ
+        k2 = 2 * (max(self.order + [slot]) + 1)
         # [sᵢᵀy, yᵢᵀy]ᵢ: the old slots' values and the new pair's
-        Wy = torch.cat([Wy, s.new_zeros(len(W) - len(Wy))]) if Wy is not None else s.new_zeros(len(W))
+        Wy = torch.cat([Wy, s.new_zeros(k2 - len(Wy))]) if Wy is not None else s.new_zeros(k2)
         Wy[2 * slot], Wy[2 * slot + 1] = sy, y.dot(y)
-        self._accept(slot, Ys, Wy)
+        self._accept(slot, Wy)
         return True
 
     def defer(self, s: Tensor, y: Tensor) -> None:
@@ -309,11 +310,12 @@ class LBFGS:
             self._W[2 * slot:2 * slot + 2] = 0.0
             self.update(s, y)
 
-    def _join(self, Ws: Tensor, Wy: Tensor) -> bool:
-        """Accept the deferred pair from ``Wᵀs`` and ``Wᵀy`` (W with the pair); False, the pair still deferred, when
-        it needs damping or is not acceptable (``_flush`` decides then)."""
+    def _join(self, Wy: Tensor) -> bool:
+        """Accept the deferred pair from ``Wᵀy`` (W with the pair); False, the pair still deferred, when it needs
+        damping or is not acceptable (``_flush`` decides then)."""
         slot = self._pending
-        sy, yy, ss = Wy[2 * slot], Wy[2 * slot + 1], Ws[2 * slot]
+        s = self._W[2 * slot]
+        sy, yy, ss = Wy[2 * slot], Wy[2 * slot + 1], s.dot(s)
         yHy = yy
         if self.order:
             gamma, X = self._coefficients(Wy[:, None])
@@ -323,7 +325,7 @@ class LBFGS:
             self._flush()
             return False
         self._pending = None
-        self._accept(slot, Ws[1::2], Wy)
+        self._accept(slot, Wy)
         return True
 
     def _free_slot(self) -> int:
@@ -343,11 +345,13 @@ class LBFGS:
         self._stamps[2 * slot] = self._stamps[2 * slot + 1] = self._writes
         return slot
 
-    def _accept(self, slot: int, Ys: Tensor, Wy: Tensor) -> None:
+    def _accept(self, slot: int, Wy: Tensor) -> None:
         """Put the stored pair of ``slot`` last in ``order`` (dropping the oldest when full) and update ``SᵀY``,
-        ``YᵀY`` from ``Ys = [yᵢᵀs]ᵢ`` and ``Wy = [sᵢᵀy, yᵢᵀy]ᵢ`` (slot-indexed, the pair's own entries included)."""
-        k = len(Ys)
-        self._SY[slot, :k] = Ys
+        ``YᵀY`` from ``Wy = [sᵢᵀy, yᵢᵀy]ᵢ`` (slot-indexed, the pair's own entries included). Of ``SᵀY`` the
+        recursion uses the upper triangle in the order of the pairs (``R``): the new pair's column; its row,
+        ``sᵀyᵢ`` of the older pairs, lies below the diagonal and is zero."""
+        k = len(Wy) // 2
+        self._SY[slot] = 0.0
         self._SY[:k, slot] = Wy[0::2]
         self._YY[slot, :k] = self._YY[:k, slot] = Wy[1::2]
         if len(self.order) == self.memory:

@@ -326,7 +326,9 @@ def _times(D: Tensor, V: Tensor) -> Tensor:
 def _add_transposed_times(out: Tensor | None, D: Tensor, w: Tensor) -> Tensor:
     """``out + Dᵀ w`` in float64, in place (``out = None``: a new ``Dᵀ w``, without a pass to zero it first)."""
     if D.dtype == _WORK:
-        return D.T @ w if out is None else out.add_(D.T @ w)
+        if out is None:
+            return D.T @ w
+        return out.addmv_(D.T, w) if w.dim() == 1 else out.addmm_(D.T, w)
     if out is None:
         out = w.new_zeros((D.shape[1],) + w.shape[1:], dtype=_WORK)
     for cols, block in _column_blocks(D):
@@ -369,28 +371,48 @@ def _products(pairs: list[tuple[list[Tensor], list[Tensor]]], like: Tensor) -> l
 
 def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device: torch.device) -> None:
     """The products of :func:`_products` when every one has a side of at most ``_THIN`` rows (matrix-vector
-    like) and all data is float64: over column slices wide enough for few calls, the thin side copied into a
-    small buffer and the other side's blocks used in place, each read from memory once per slice."""
+    like) and all data is float64: over column slices wide enough for few calls, one product per distinct block
+    of the other (fat) side, with every thin block that multiplies it (whichever product it belongs to) stacked
+    in a small buffer: each fat block is read from memory once per slice, and a BLAS product of a few rows costs
+    about as much as one of a single row (more rows cost less per row)."""
     n = live[0][1][0].shape[1]
     width = _entries(_THIN_SLICE, device)
-    products = []
+    groups: dict[int, tuple[Tensor, dict[int, Tensor], list[tuple[Tensor, int]]]] = {}
     for out, L, R in live:
         swap = sum(len(M) for M in L) > sum(len(M) for M in R)       # thin side first: (out, thin, fat)
-        products.append((out.T if swap else out, R if swap else L, L if swap else R))
-    rows = max(sum(len(M) for M in thin) for _, thin, _ in products)
-    buffer = live[0][0].new_empty(rows, min(width, n))
+        out, thin, fat = (out.T, R, L) if swap else (out, L, R)
+        column = 0
+        for M in fat:
+            if len(M):
+                _, rows, targets = groups.setdefault(id(M), (M, {}, []))
+                row = 0
+                for T in thin:
+                    if len(T):
+                        rows.setdefault(id(T), T)
+                        targets.append((out[row:row + len(T), column:column + len(M)], id(T)))
+                    row += len(T)
+            column += len(M)
+    plans = []
+    for M, rows, targets in groups.values():
+        thin, offset, at = list(rows.values()), {}, 0
+        for key, T in rows.items():
+            offset[key] = at
+            at += len(T)
+        plans.append((M, thin, M.new_zeros(at, len(M)), targets, offset))
+    buffer = live[0][0].new_empty(max(len(acc) for _, _, acc, _, _ in plans), min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
-        for out, thin, fat in products:
-            block, row = buffer[:, :min(width, n - start)], 0
-            for M in thin:
-                block[row:row + len(M)].copy_(M[:, cols])
-                row += len(M)
-            column = 0
-            for M in fat:
-                if len(M):
-                    out[:, column:column + len(M)].addmm_(block[:row], M[:, cols].T)
-                column += len(M)
+        for M, thin, acc, _, _ in plans:
+            block = thin[0][:, cols] if len(thin) == 1 else buffer[:len(acc), :min(width, n - start)]
+            if len(thin) > 1:
+                row = 0
+                for T in thin:
+                    block[row:row + len(T)].copy_(T[:, cols])
+                    row += len(T)
+            acc.addmm_(block, M[:, cols].T)
+    for _, _, acc, targets, offset in plans:
+        for view, key in targets:
+            view += acc[offset[key]:offset[key] + len(view)]
 
 
 def _runs(group: list[Tensor], distinct: dict) -> list[tuple[int, int, int, int]]:

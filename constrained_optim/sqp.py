@@ -82,6 +82,11 @@ class _Point:
         return self._sandwich[2]
 
     @property
+    def known_Jg(self) -> Tensor | None:
+        """``J ∇f`` if the sandwich computed it, else None."""
+        return None if self._sandwich is None else self._sandwich[2].Jg
+
+    @property
     def x_inf(self) -> float:
         """``‖x‖∞``, computed once."""
         if self._x_inf is None:
@@ -551,7 +556,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         g_scale = max(max_abs(point.g), st["g_ref"],
                       torch.finfo(_WORK).tiny)
         meas = stationarity.measure(point.g[None], [point.jacobian()], point.c, p, g_scale, self._tol_ineq,
-                                    st.get("fit"))
+                                    st.get("fit"), Jg=point.known_Jg)
         st["fit"] = meas.qp
         samples = 1
         if not self._measure_ok(meas) and len(st["samples"]) > 1:

@@ -56,7 +56,8 @@ class BatchedStationarity:
 
 
 def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_scale: float, tol_ineq: float,
-            warm_start: QPResult | None = None, max_size: int | None = None) -> Stationarity:
+            warm_start: QPResult | None = None, max_size: int | None = None,
+            Jg: Tensor | None = None) -> Stationarity:
     """Fit multipliers and measure stationarity and complementarity (see module doc).
 
     Args:
@@ -68,6 +69,7 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         tol_ineq: inequality feasibility tolerance (sets ``κ``).
         warm_start: the ``qp`` of an earlier single-point measure with the same m (speed only).
         max_size: the most variables of the sampled fit's QP (k > 1): only the first points that fit are used.
+        Jg: ``J₀ ∇f₀`` when the caller has it (a pass over J saved; single-point fit only).
     """
     J0 = jacobians[0]
     m, n = J0.shape
@@ -77,7 +79,7 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
     if len(jacobians) == 1:
         # (∇f and the residual in the units of f, scaled as m-vectors and by the norm: no scaled n-vector)
         gram = J0.gram() / (unit[:, None] * unit[None, :])        # unit rows: J_u J_uᵀ
-        qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ grads[0]) / (unit * g_scale), lower, upper,
+        qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ grads[0] if Jg is None else Jg) / (unit * g_scale), lower, upper,
                           warm_start=warm_start)
         lam_unit, solved, points = qp.z, bool(qp.solved), 1
         residual = max_abs((J0.T @ (qp.z * (g_scale / unit))).add_(grads[0])) / g_scale

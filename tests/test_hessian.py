@@ -244,6 +244,33 @@ def test_deferred_pairs_join_at_the_next_sandwich_as_updates_would():
 
 
 @pytest.mark.parametrize("through", ["defer", "update"])
+def test_lbfgs_keeps_the_upper_triangle_of_sy_and_jg(through):
+    """The recursion reads ``R``, the upper triangle of ``SᵀY`` in the order of the pairs: the new pair's row
+    (``sᵀyᵢ`` of older pairs) is not computed (no product with s in the sandwich's pass) and stays zero, through
+    slots reused past the memory; what lies below the diagonal does not change ``H``. The sandwich also hands out
+    ``J ∇f`` from its pass, which the certificate's multiplier fit uses."""
+    from constrained_optim.jacobian import Jacobian
+    n, m = 9, 3
+    pairs, gen = _pairs_damped_and_skipped(n, seed=16)
+    H = LBFGS(n, F64, CPU, memory=3)
+    J = Jacobian.from_dense(torch.randn(m, n, generator=gen, dtype=F64))
+    for s, y in pairs:
+        getattr(H, through)(s, y)
+        g = torch.randn(n, generator=gen, dtype=F64)
+        sandwich = H.sandwich(J, g)
+        assert torch.allclose(sandwich.Jg, J.to_dense() @ g, rtol=1e-12, atol=1e-12)
+        SY = H.state_dict()["SY"]
+        assert torch.equal(SY, SY.triu())
+    before = _matrix(H, n)
+    slots = H._slots
+    lower = torch.ones(len(slots), len(slots), dtype=torch.bool).tril(-1)
+    block = H._SY[slots[:, None], slots]
+    H._SY[slots[:, None], slots] = torch.where(lower, torch.full_like(block, float("nan")), block)
+    assert torch.equal(_matrix(H, n), before)
+
+
+
+@pytest.mark.parametrize("through", ["defer", "update"])
 def test_pairs_computed_in_their_buffer_rows_give_the_same_operator(through):
     """``pair_rows`` hands out the rows where the next pair is stored (no copy); filled there and given to defer or
     update, the pairs (plain, damped, skipped as NaN) give the operator of pairs passed as their own tensors, and a

@@ -141,6 +141,24 @@ def test_shared_blocks_and_known_products_equal_fresh_ones():
     assert float(change[:6].abs().max()) > 0      # block 1 moved
 
 
+def test_thin_products_that_share_a_block_equal_their_dense_values():
+    """The thin path multiplies each distinct fat block once per slice by every thin block of any product that
+    needs it (the L-BFGS pass, the kept rows times the new columns and a changed row's Gram all read the same
+    kept block): every product still equals its dense value, also where one thin block and one fat block meet
+    in two products."""
+    from constrained_optim.jacobian import _products
+    n = 100_000              # several column slices of the thin path
+    gen = torch.Generator().manual_seed(6)
+    A, W = torch.randn(63, n, generator=gen, dtype=F64), torch.randn(6, n, generator=gen, dtype=F64)
+    g, r, new = (torch.randn(k, n, generator=gen, dtype=F64) for k in (1, 1, 2))
+    pairs = [([r, g], [W, g]), ([A], [new, g]), ([r], [A, r]), ([g], [A])]
+    outs = _products(pairs, torch.zeros((), dtype=F64))
+    for out, (L, R) in zip(outs, pairs):
+        expected = torch.cat(L) @ torch.cat(R).T
+        assert out.shape == expected.shape
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-9)
+
+
 def test_blocks_that_differ_are_not_shared():
     n = 300_000
     gen = torch.Generator().manual_seed(4)
