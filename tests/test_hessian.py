@@ -217,7 +217,7 @@ def _pairs_damped_and_skipped(n, seed):
 
 
 def test_deferred_pairs_join_at_the_next_sandwich_as_updates_would():
-    # a pair deferred to the sandwich (its Wᵀs, Wᵀy from the sandwich's pass) gives the operator of update():
+    # a pair deferred to the sandwich (its Wᵀy from the sandwich's pass) gives the operator of update():
     # plain pairs, a pair that needs damping (negative curvature), a pair that is skipped (NaN), past the memory
     from constrained_optim.jacobian import Jacobian
     n, m = 9, 3
