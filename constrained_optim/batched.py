@@ -47,7 +47,7 @@ from .certificate import Certificate, Status
 from .constraints import Constraint, canonical, evaluate
 from .hessian import BatchedDenseBFGS, BatchedLBFGS
 from .jacobian import Jacobian
-from .linesearch import BatchedLineSearchResult, BatchedOutcome, weak_wolfe_batched
+from .linesearch import BatchedLineSearchResult, BatchedOutcome, step_resolution, weak_wolfe_batched
 from .qp import QPResult
 from .sets import Set
 from .sqp import (_AUTO_MEMORY, _CORRECTIONS, _DENSE_LIMIT, _RESCUES, _SAMPLE_QP_LIMIT, check_options,
@@ -559,7 +559,8 @@ class BatchedSQP(torch.optim.Optimizer):
             return slope - torch.where(at_rounding(trial.c, floor, p), violation_weights(trial.c, p) * Jd, 0.0).sum(-1)
         result = weak_wolfe_batched(evaluate_at, phi0, g0, t0, searching & ~done, c1, self.defaults["c2"],
                                     self.defaults["max_ls_evals"], first=first, slope_within_noise=slope_within_noise,
-                                    noise=phi_noise(P.f, P.c, mu, floor, self._state["p"], self._flat.eps))
+                                    noise=phi_noise(P.f, P.c, mu, floor, self._state["p"], self._flat.eps),
+                                    resolution=step_resolution(P.x, d, self._flat.eps))
         if corrected is not None:
             result.outcome = torch.where(done, int(BatchedOutcome.DECREASE_ONLY), result.outcome)
             result.t = torch.where(done, 1.0, result.t)

@@ -16,6 +16,11 @@ values cannot tell it, and the slopes decide instead (the approximate Wolfe cond
 which for a quadratic along d is the sufficient decrease itself. Without it a search cannot reach a relative
 stationarity much below √eps: the decrease that a step to a point 1e-8 more stationary brings is eps-relative.
 
+The bracket ends when ``β − α`` is at rounding size, or when the next trial step is below ``t_x``, the
+resolution of the step: every ``x + t d`` with ``t < t_x`` rounds to x itself in the precision of the
+parameters. Such a trial would evaluate x again, and is no step, although its φ(x) may pass the decrease test
+where ``c₁ t g₀`` is below the rounding of φ(x) (the search would then return x as its point).
+
 :func:`weak_wolfe_batched` runs the same search for A independent problems at once: every problem has its
 own ``α, β, t``, each round evaluates all trial points together, and a problem whose search has ended
 keeps its accepted point while the others go on.
@@ -29,6 +34,16 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+
+def step_resolution(x: Tensor, d: Tensor, eps: float) -> Tensor:
+    """``t_x`` of the module doc along the last dimension: the largest step such that ``x + t d`` rounds to x for
+    every ``t < t_x``, x representable in a precision of machine epsilon ``eps``: ``|t d_i| < eps |x_i| / 4`` is
+    below half the spacing of the numbers next to ``x_i`` (on either side). 0 when an entry x_i = 0 moves,
+    ∞ when nothing moves."""
+    ratio = torch.div(d, x).abs_().nan_to_num_(nan=0.0, posinf=math.inf).amax(-1) if d.shape[-1] else d.new_zeros(
+        d.shape[:-1])
+    return torch.where(ratio > 0, 0.25 * eps / ratio, math.inf)
 
 
 class Outcome(enum.Enum):
@@ -49,7 +64,7 @@ class LineSearchResult:
 def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any]],
                phi0: float, g0: float, c1: float = 1e-4, c2: float = 0.5,
                max_evaluations: int = 50, max_expansions: int = 10, t0: float = 1.0,
-               noise: float = 0.0) -> LineSearchResult:
+               noise: float = 0.0, resolution: Callable[[], float] | None = None) -> LineSearchResult:
     """Run the bracketing search.
 
     Args:
@@ -59,8 +74,11 @@ def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any
             sign is rounding (the violation of constraints at rounding distance from their bound).
         phi0: φ(x). g0: ∇φ(x)ᵀd (must be negative). t0: the first trial step.
         noise: the rounding error ``ε`` of φ near x (0: values are trusted down to the last bit).
+        resolution: ``resolution()`` returns ``t_x`` (see the module doc); asked for once, when the search first
+            brackets (None: never).
     """
     alpha, beta, t = 0.0, math.inf, t0
+    t_x = None
     best = None  # (α, trial at α): the largest t with sufficient decrease and a finite slope
     expansions = 0
     for evaluations in range(1, max_evaluations + 1):
@@ -79,11 +97,13 @@ def weak_wolfe(evaluate: Callable[[float], tuple[float, Callable[[], float], Any
                 return LineSearchResult(Outcome.WOLFE, t, trial, evaluations)
         if beta < math.inf:
             t = 0.5 * (alpha + beta)
+            if t_x is None and resolution is not None:
+                t_x = resolution()
         elif expansions < max_expansions:
             t, expansions = 2.0 * t, expansions + 1
         else:
             return LineSearchResult(Outcome.EXPANSION_LIMIT, best[0], best[1], evaluations)
-        if beta - alpha < 1e-15 * max(1.0, beta if beta < math.inf else alpha):
+        if beta - alpha < 1e-15 * max(1.0, beta if beta < math.inf else alpha) or (t_x is not None and t < t_x):
             break
     if best is not None:
         return LineSearchResult(Outcome.DECREASE_ONLY, best[0], best[1], evaluations)
@@ -111,7 +131,8 @@ class BatchedLineSearchResult:
 def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Any]], phi0: Tensor, g0: Tensor,
                        t0: Tensor, searching: Tensor, c1: float = 1e-4, c2: float = 0.5, max_evaluations: int = 50,
                        max_expansions: int = 10, first: tuple | None = None, noise: Tensor | float = 0.0,
-                       slope_within_noise: Callable[[Any, Tensor], Tensor] | None = None) -> BatchedLineSearchResult:
+                       slope_within_noise: Callable[[Any, Tensor], Tensor] | None = None,
+                       resolution: Tensor | float = 0.0) -> BatchedLineSearchResult:
     """The bracketing search for A problems at once (rows of the (A,) tensors).
 
     Args:
@@ -124,6 +145,8 @@ def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor
         noise: the rounding error ``ε`` of φ near x per row (or one for all), as in :func:`weak_wolfe`.
         slope_within_noise: ``slope_within_noise(trial, slope)``, the slope for the test within the noise (as in
             :func:`weak_wolfe`, it may leave out the parts of φ whose sign is rounding); the slope itself by default.
+        resolution: ``t_x`` per row (or one for all; see the module doc): a bracketed row whose next trial step is
+            below it ends.
     """
     code = BatchedOutcome
     alpha, beta, t = torch.zeros_like(phi0), torch.full_like(phi0, math.inf), t0.clone()
@@ -154,7 +177,7 @@ def weak_wolfe_batched(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor
         outcome = torch.where(active & ~bracketed & ~expand, int(code.EXPANSION_LIMIT), outcome)
         expansions += expand.to(torch.int64)
         t = torch.where(bracketed, 0.5 * (alpha + beta), torch.where(expand, 2.0 * t, t))
-        narrow = active & bracketed & (beta - alpha < 1e-15 * beta.clamp(min=1.0))
+        narrow = active & bracketed & ((beta - alpha < 1e-15 * beta.clamp(min=1.0)) | (t < resolution))
         outcome = torch.where(narrow, torch.where(found, int(code.DECREASE_ONLY), int(code.FAILED)), outcome)
     outcome = torch.where(outcome == code.SEARCHING, torch.where(found, int(code.DECREASE_ONLY), int(code.FAILED)),
                           outcome)

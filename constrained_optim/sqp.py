@@ -35,7 +35,7 @@ from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .distributed import DataParallel, check_option
 from .hessian import LBFGS, DenseBFGS, Sandwich
 from .jacobian import Jacobian
-from .linesearch import LineSearchResult, Outcome, weak_wolfe
+from .linesearch import LineSearchResult, Outcome, step_resolution, weak_wolfe
 from .qp import QPResult
 from .steering import Steering, at_rounding, phi_noise, violation, violation_weights
 
@@ -436,7 +436,8 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         floor = self._rounding(point)
         evaluate_at = self._trial_evaluator(closure, point, d, mu, floor)
         search = dict(c1=c1, c2=self.defaults["c2"], max_evaluations=self.defaults["max_ls_evals"],
-                      noise=float(phi_noise(point.f, point.c, mu, floor, self._state["p"], self._flat.eps)))
+                      noise=float(phi_noise(point.f, point.c, mu, floor, self._state["p"], self._flat.eps)),
+                      resolution=lambda: float(step_resolution(point.x, d, self._flat.eps)))
         if t0 != 1.0:
             return weak_wolfe(evaluate_at, phi0, g0, t0=t0, **search)
         full = evaluate_at(1.0)

@@ -199,3 +199,49 @@ def test_noise_does_not_accept_an_increase_above_it():
     phi, dphi = _rounded_up(1e-12)
     res = weak_wolfe(_evaluator(phi, dphi), phi(0.0), dphi(0.0), noise=1e-15)
     assert res.outcome is Outcome.FAILED
+
+
+def _x_below(t_x, g0=-1e-20):
+    """φ along d from x where steps t < t_x round to x itself: φ(t) = φ(0) = 1 and slope g₀ there (x again), and
+    above t_x a rise of 1e-9 (the step fails). c₁ t g₀ (≤ 1e-24) is below the rounding of φ(0) = 1, so x itself
+    passes the decrease test in floating point."""
+    return (lambda t: 1.0 if t < t_x else 1.0 + 1e-9), (lambda t: g0)
+
+
+def test_search_ends_at_the_resolution_of_the_step():
+    t_x = 2.0 ** -10
+    phi, dphi = _x_below(t_x)
+    # without the resolution the search bisects on below t_x and returns x itself as its point (t < t_x)
+    log = []
+    res = weak_wolfe(_evaluator(phi, dphi, log), phi(0.0), dphi(0.0))
+    assert res.outcome is Outcome.DECREASE_ONLY and res.t < t_x and len(log) == 50
+    # with it, the search ends before the first trial below t_x, asked for t_x once
+    asked, log = [], []
+    res = weak_wolfe(_evaluator(phi, dphi, log), phi(0.0), dphi(0.0), resolution=lambda: asked.append(1) or t_x)
+    assert res.outcome is Outcome.FAILED and res.trial is None
+    assert log == [2.0 ** -k for k in range(11)] and asked == [1]
+    # points of decrease above t_x are searched as before (the bracket closes on the largest)
+    phi2 = lambda t: 1.0 - 1e-9 if 0.3 < t < 0.6 else phi(t)  # noqa: E731
+    res = weak_wolfe(_evaluator(phi2, dphi), phi2(0.0), dphi(0.0), resolution=lambda: t_x)
+    assert res.outcome is Outcome.DECREASE_ONLY and 0.5999 < res.t < 0.6
+
+
+def test_step_resolution_is_where_the_step_rounds_to_x():
+    import torch
+
+    from constrained_optim.linesearch import step_resolution
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        # powers of two (the spacing halves below them) and random entries, steps of both signs
+        x = torch.cat([torch.tensor([1.0, 2.0, -4.0, 0.5]), torch.randn(60, generator=gen)]).to(dtype).double()
+        d = torch.randn(64, generator=gen, dtype=torch.float64) * torch.rand(64, generator=gen, dtype=torch.float64)
+        d[:4] = torch.tensor([-1.0, -1.0, 1.0, -0.25], dtype=torch.float64)
+        t_x = float(step_resolution(x, d, eps))
+        for t in (0.999 * t_x, 0.5 * t_x, 1e-3 * t_x):
+            assert torch.equal((x + t * d).to(dtype).double(), x)
+        assert not torch.equal((x + 4.01 * t_x * d).to(dtype).double(), x)   # within a factor 4 of the bound
+    x, d = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64), torch.tensor([[0.5, 0.0], [0.5, 1.0]],
+                                                                                     dtype=torch.float64)
+    assert step_resolution(x, d, 1e-7).tolist() == [0.25 * 1e-7 / 0.5, 0.0]   # a zero entry that moves: 0
+    assert float(step_resolution(x[0], torch.zeros(2, dtype=torch.float64), 1e-7)) == math.inf

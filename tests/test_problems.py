@@ -332,6 +332,19 @@ def test_sqp_bfgs_float32_certifies(name):
     _check(prob, x, res, f_tol=1e-6, viol_tol=1e-5)
 
 
+# float32: a search that bisected down to steps below the resolution of x (every x + t d rounds to x) evaluated x
+# itself, up to 50 times, and where c₁ t g₀ fell below the rounding of φ(x) it returned x as a point of sufficient
+# decrease: a step of zero, never the failed search that resets H. These three ended STALLED_FEASIBLE after 266–311
+# evaluations (1.4e-7 to 7.3e-7 above f*); the search now ends at the resolution and they certify in 66–157.
+@pytest.mark.parametrize("name", ["hs042", "hs100", "hs113"])
+def test_sqp_float32_searches_end_at_the_resolution_of_the_step(name):
+    prob = get_problem(name)
+    x, res = _run_sqp(prob, dtype=torch.float32)
+    assert res.status.name == "CONVERGED", res.certificate
+    assert res.nfev <= 200
+    _check(prob, x, res, f_tol=2e-6, viol_tol=1e-5)
+
+
 # The optional qpth backend for the direction QP (CI installs it with `pip install --no-deps qpth`,
 # without cvxpy, in a step after the README's test command). The certificate is computed by the builtin
 # solver either way. qpth is less accurate (KKT residuals near 1e-11 on singular duals), which can make
