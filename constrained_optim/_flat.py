@@ -81,6 +81,8 @@ class FlatParams:
     def holds(self, x: Tensor) -> bool:
         """Whether the parameters hold exactly ``x`` (in their dtype), compared without a copy of them (and with one
         host synchronisation, whatever the number of parameters)."""
+        if len(self.params) == 1:      # (torch.equal: one pass, no boolean temporary)
+            return torch.equal(self.params[0].detach().reshape(-1), x.to(self.dtype))
         same = [torch.eq(p.detach().reshape(-1), chunk.to(p.dtype)).all()
                 for p, chunk in zip(self.params, x.split(self.numels))]
         return bool(torch.stack(same).all())

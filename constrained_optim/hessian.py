@@ -236,10 +236,25 @@ class LBFGS:
         JWX = JW @ X
 
         def direction(mu: float, y: Tensor) -> Tensor:
+            # Jᵀ(−γy) − γμ g − W X in three passes, the signs and γ on the small factors (n-vectors are the cost at
+            # large n)
             _, Xd = self._coefficients((mu * Wg + JW.T @ y)[:, None])
-            d = (J.T @ y).add_(g, alpha=mu).mul_(-gamma)       # in place: n-vectors are the cost at large n
-            return d.addmv_(W.T, Xd[:, 0], alpha=-1.0)
+            d = (J.T @ (y * -gamma)).addcmul_(g, gamma * -mu)
+            for rows in self._rows_in_use():        # (not the rows of the pair the deferred one replaced)
+                d.addmv_(W[rows].T, Xd[rows, 0], alpha=-1.0)
+            return d
         return Sandwich(gamma * G + JWX[:, :-1], gamma * Jg + JWX[:, -1], direction, Jg)
+
+    def _rows_in_use(self) -> list[slice]:
+        """The rows of the buffer that hold the pairs in use, as slices of adjacent slots (the coefficients of the
+        other rows are zero)."""
+        runs: list[list[int]] = []
+        for slot in sorted(self.order):
+            if runs and runs[-1][1] == slot:
+                runs[-1][1] = slot + 1
+            else:
+                runs.append([slot, slot + 1])
+        return [slice(2 * a, 2 * b) for a, b in runs]
 
     def _known(self, J) -> tuple[Tensor, list[bool], Tensor] | None:
         """The entries of the dense rows' ``D W`` that the last sandwich computed and that still hold: rows of

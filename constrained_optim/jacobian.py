@@ -120,29 +120,42 @@ class Jacobian:
         if previous._gram is not None and any(self.shared):
             self._previous_gram = previous._gram
 
-    def rmatmul_change(self, previous: "Jacobian", w: Tensor, out: Tensor | None = None) -> Tensor:
+    def rmatmul_change(self, previous: "Jacobian", w: Tensor, out: Tensor | None = None,
+                       gradients: tuple[float, Tensor, Tensor] | None = None) -> Tensor:
         """``(J − J_prev)ᵀ w`` for the Jacobian of the same constraints at another point, without the cancellation
-        of ``Jᵀw − J_prevᵀw`` (bound rows and shared blocks do not change); into ``out`` (n,) when given."""
-        out = w.new_zeros(self.n, dtype=_WORK) if out is None else out.zero_()
-        w_dense, start = w[self.dense_rows].to(_WORK), 0
+        of ``Jᵀw − J_prevᵀw`` (bound rows and shared blocks do not change); into ``out`` (n,) when given. With
+        ``gradients = (μ, g, g_prev)``: ``μ (g − g_prev) + (J − J_prev)ᵀ w``, the change of the gradient of the
+        Lagrangian ``μ f + wᵀc``, formed over the same column slices (each slice of the result is written once)."""
+        out = w.new_empty(self.n, dtype=_WORK) if out is None else out
+        w_dense = w[self.dense_rows].to(_WORK)
+        changed, start = [], 0
         for B, B_prev in zip(self.blocks, previous.blocks):
             if B is not B_prev:
-                width = max(1, _entries(_SLICE, B.device) // max(len(B), 1))   # the difference stays in cache
-                for begin in range(0, self.n, width):
-                    cols = slice(begin, begin + width)
-                    out[cols] += (B[:, cols] - B_prev[:, cols]).to(_WORK).T @ w_dense[start:start + len(B)]
+                changed.append((B, B_prev, w_dense[start:start + len(B)]))
             start += len(B)
+        # slices in which the differences of the blocks stay in cache
+        width = max(1, _entries(_SLICE, out.device) // max([len(B) for B, _, _ in changed] + [1]))
+        for begin in range(0, self.n, width):
+            cols = slice(begin, begin + width)
+            part = out[cols]
+            if gradients is None:
+                part.zero_()
+            else:
+                mu, g, g_prev = gradients
+                torch.sub(g[cols], g_prev[cols], out=part).mul_(mu)
+            for B, B_prev, weights in changed:
+                part.addmv_((B[:, cols] - B_prev[:, cols]).to(_WORK).T, weights)
         return out
 
-    def rmatmul(self, w: Tensor) -> Tensor:
-        """``Jᵀ w`` for w (m,) or (m, k); of a large block only the rows with a nonzero weight are read (at a
-        solution most inequalities are inactive: their multipliers and violation weights are zero)."""
-        w_dense = w[self.dense_rows].to(_WORK)
-        out = None
+    def rmatmul(self, w: Tensor, base: Tensor | None = None) -> Tensor:
+        """``Jᵀ w`` for w (m,) or (m, k), or ``base + Jᵀw`` without a pass of its own for the sum (``base`` unchanged);
+        of a large block only the rows with a nonzero weight are read (at a solution most inequalities are inactive:
+        their multipliers and violation weights are zero)."""
+        w_dense, out = w[self.dense_rows].to(_WORK), None
         for rows, weights in self._weighted(w_dense):
-            out = _add_transposed_times(out, rows, weights)
+            out = _add_transposed_times(out, rows, weights, base)
         if out is None:
-            out = w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
+            out = base.clone() if base is not None else w.new_zeros((self.n,) + w.shape[1:], dtype=_WORK)
         if self.bounds:
             out.index_add_(0, self.columns, _signed(self.signs, w[self.bound_rows].to(_WORK)))
         return out
@@ -323,14 +336,18 @@ def _times(D: Tensor, V: Tensor) -> Tensor:
     return out
 
 
-def _add_transposed_times(out: Tensor | None, D: Tensor, w: Tensor) -> Tensor:
-    """``out + Dᵀ w`` in float64, in place (``out = None``: a new ``Dᵀ w``, without a pass to zero it first)."""
+def _add_transposed_times(out: Tensor | None, D: Tensor, w: Tensor, base: Tensor | None = None) -> Tensor:
+    """``out + Dᵀ w`` in float64, in place; ``out = None``: a new ``base + Dᵀw`` (``Dᵀw`` without ``base``), without a
+    pass to zero or copy it first."""
+    matrix = w.dim() > 1
     if D.dtype == _WORK:
         if out is None:
-            return D.T @ w
-        return out.addmv_(D.T, w) if w.dim() == 1 else out.addmm_(D.T, w)
+            if base is None:
+                return D.T @ w
+            return torch.addmm(base, D.T, w) if matrix else torch.addmv(base, D.T, w)
+        return out.addmm_(D.T, w) if matrix else out.addmv_(D.T, w)
     if out is None:
-        out = w.new_zeros((D.shape[1],) + w.shape[1:], dtype=_WORK)
+        out = base.clone() if base is not None else w.new_zeros((D.shape[1],) + w.shape[1:], dtype=_WORK)
     for cols, block in _column_blocks(D):
         out[cols] += block.T @ w
     return out
@@ -398,19 +415,24 @@ def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device
         for key, T in rows.items():
             offset[key] = at
             at += len(T)
-        plans.append((M, thin, M.new_zeros(at, len(M)), targets, offset))
-    buffer = live[0][0].new_empty(max(len(acc) for _, _, acc, _, _ in plans), min(width, n))
+        plans.append((tuple(offset), M, thin, M.new_zeros(at, len(M)), targets, offset))
+    # fat blocks multiplied by the same thin blocks one after the other, so that a slice copies those into the
+    # buffer once
+    plans.sort(key=lambda plan: plan[0])
+    buffer = live[0][0].new_empty(max(len(plan[3]) for plan in plans), min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
-        for M, thin, acc, _, _ in plans:
+        copied = None
+        for key, M, thin, acc, _, _ in plans:
             block = thin[0][:, cols] if len(thin) == 1 else buffer[:len(acc), :min(width, n - start)]
-            if len(thin) > 1:
+            if len(thin) > 1 and key != copied:
                 row = 0
                 for T in thin:
                     block[row:row + len(T)].copy_(T[:, cols])
                     row += len(T)
+                copied = key
             acc.addmm_(block, M[:, cols].T)
-    for _, _, acc, targets, offset in plans:
+    for _, _, _, acc, targets, offset in plans:
         for view, key in targets:
             view += acc[offset[key]:offset[key] + len(view)]
 

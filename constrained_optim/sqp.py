@@ -294,7 +294,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
 
     def _grad_phi(self, point: _Point, mu: float) -> Tensor:
         """∇φ(x; μ) = μ∇f + Jᵀw, with w the violation subgradient weights."""
-        return mu * point.g + point.jacobian().T @ violation_weights(point.c, self._state["p"])
+        return point.jacobian().rmatmul(violation_weights(point.c, self._state["p"]), base=mu * point.g)
 
     def _slope(self, point: _Point, mu: float, d: Tensor, floor: Tensor | None = None) -> float:
         """∇φ(x; μ)ᵀd = μ ∇fᵀd + wᵀ(J d), without forming ∇φ (at large n every n-vector is a pass over memory); with a
@@ -406,7 +406,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             y_dual = direction.y if direction.qp_ok else violation_weights(point.c, p)
             s, y = H.pair_rows()           # (computed where H keeps them: no copies of n-vectors)
             torch.sub(trial.x, point.x, out=s)
-            trial.jacobian().rmatmul_change(point.jacobian(), y_dual, out=y).add_(trial.g - point.g, alpha=mu)
+            trial.jacobian().rmatmul_change(point.jacobian(), y_dual, out=y, gradients=(mu, trial.g, point.g))
             H.defer(s, y)
             st["iteration"] += 1
             step, size = max_abs(s), max(1.0, point.x_inf)

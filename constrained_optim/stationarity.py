@@ -82,7 +82,7 @@ def measure(grads: Tensor, jacobians: Sequence[Jacobian], c: Tensor, p: int, g_s
         qp = solve_box_qp(gram + torch.diag(kappa * kappa), (J0 @ grads[0] if Jg is None else Jg) / (unit * g_scale), lower, upper,
                           warm_start=warm_start)
         lam_unit, solved, points = qp.z, bool(qp.solved), 1
-        residual = max_abs((J0.T @ (qp.z * (g_scale / unit))).add_(grads[0])) / g_scale
+        residual = max_abs(J0.rmatmul(qp.z * (g_scale / unit), base=grads[0])) / g_scale
     else:
         J = torch.stack([Js.to_dense().to(grads.dtype) for Js in jacobians]) / unit[:, None]
         lam_unit, r, solved, points = _sampled(grads / g_scale, J, kappa, lower, upper, max_size)

@@ -297,3 +297,30 @@ def test_pairs_computed_in_their_buffer_rows_give_the_same_operator(through):
     dense = DenseBFGS(n, F64, CPU)
     s_row, y_row = dense.pair_rows()
     assert s_row.shape == y_row.shape == (n,) and s_row.data_ptr() != y_row.data_ptr()
+
+
+def test_direction_of_the_sandwich_is_minus_h_times_the_lagrangian_gradient():
+    """``direction(μ, w) = −H (μ g + Jᵀw)`` with H as ``apply`` gives it, for a Jacobian with bound rows, through pairs
+    past the memory (the slots are reused in a ring); the rows of the slot that holds no pair in use are not read (a
+    NaN written there does not reach the direction)."""
+    from constrained_optim.jacobian import Jacobian
+    n = 12
+    gen = torch.Generator().manual_seed(21)
+    _, pairs = _pairs(n, 9, seed=21)
+    H = LBFGS(n, F64, CPU, memory=4)
+    J = Jacobian([torch.randn(2, n, generator=gen, dtype=F64)], torch.tensor([0, 2]), torch.tensor([1, 3]),
+                 torch.tensor([4, 4]), torch.tensor([1.0, -1.0], dtype=F64))
+    dense = J.to_dense()
+    for k, (s, y) in enumerate(pairs):
+        H.defer(s, y)
+        g = torch.randn(n, generator=gen, dtype=F64)
+        sandwich = H.sandwich(J, g)
+        w = torch.randn(4, generator=gen, dtype=F64)
+        expected = -H.apply(0.7 * g + dense.T @ w)
+        free = [slot for slot in range(H.memory + 1) if slot not in H.order]
+        if k >= H.memory:          # past the memory: one slot holds the dropped pair
+            assert len(free) == 1
+            H._W[2 * free[0]:2 * free[0] + 2] = float("nan")
+        assert torch.allclose(sandwich.direction(0.7, w), expected, rtol=1e-11, atol=1e-12)
+        if free:
+            H._W[2 * free[0]:2 * free[0] + 2] = 0.0    # (rows not in use hold zeros or an accepted pair)

@@ -63,6 +63,34 @@ def test_change_between_points_needs_no_cancellation():
     assert torch.allclose(J2.rmatmul_change(J, w), (J2.to_dense() - dense).T @ w, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sums_with_a_transposed_product_match_the_dense_matrix(dtype):
+    """``base + Jᵀw`` (the certificate's residual ∇f + Jᵀλ) leaves ``base`` as it was, and the change of the
+    Lagrangian gradient ``μ (g − g') + (J − J')ᵀw`` (the BFGS pair's y) over column slices narrower than n equals
+    its dense value, with bound rows (which do not change) and float32 rows."""
+    from constrained_optim import jacobian
+    J, dense, gen = _random_jacobian(dtype, n=1000)
+    w = torch.randn(9, generator=gen, dtype=F64)
+    base = torch.randn(1000, generator=gen, dtype=F64)
+    kept = base.clone()
+    assert torch.allclose(J.rmatmul(w, base=base), base + dense.T @ w, rtol=1e-13, atol=1e-13)
+    assert torch.equal(base, kept)
+    moved = [(B.to(F64) + 1e-3 * torch.randn(B.shape, generator=gen, dtype=F64)).to(dtype) for B in J.blocks]
+    J2 = Jacobian(moved, J.dense_rows, J.bound_rows, J.columns, J.signs)
+    g2 = base + 1e-6 * torch.randn(1000, generator=gen, dtype=F64)
+    expected = 0.3 * (g2 - base) + (J2.to_dense().to(F64) - dense).T @ w
+    for slice_entries in (jacobian._SLICE, 256):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(jacobian, "_SLICE", slice_entries)      # 256 entries: slices of 85 columns
+            out = torch.full((1000,), float("nan"), dtype=F64)
+            change = J2.rmatmul_change(J, w, out=out, gradients=(0.3, g2, base))
+        assert change is out
+        # (float32 rows differ in float32, as autograd wrote them: the difference is rounded once there)
+        rtol = 1e-6 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(change, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+    assert torch.allclose(J2.rmatmul_change(J, w), (J2.to_dense().to(F64) - dense).T @ w, rtol=rtol, atol=1e-15)
+
+
 def test_box_rows_are_recorded_by_column_not_differentiated():
     x = torch.randn(4, 5, dtype=F64, requires_grad=True)
     y = torch.randn(3, dtype=F64, requires_grad=True)

@@ -487,3 +487,42 @@ def test_fixed_variables_and_per_element_statuses():
     for i in range(2):
         ref = box_oracle(Q[i].numpy(), p[i].numpy(), lo[i].numpy(), up[i].numpy())
         assert abs(objective(Q[i].numpy(), p[i].numpy(), r.z[i].numpy()) - ref) <= 1e-9 * (1 + abs(ref))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_variable_box_qps_match_the_iterative_solver(seed):
+    """A box QP in one variable with q > 0 is solved in closed form, z = clamp(−p/q, l, u): the same answer and
+    multipliers as the iterative solver gives the same problem as the first coordinate of a decoupled pair (a
+    diagonal Q of size 2, which the closed form does not take), with scales of q and p from 1e-6 to 1e6, infinite
+    and equal bounds, minimisers inside, on and beyond the bounds."""
+    gen = torch.Generator().manual_seed(seed)
+    B = 600
+    q = torch.rand(B, generator=gen, dtype=F64) * 10.0 ** torch.randint(-6, 7, (B,), generator=gen).to(F64)
+    p = torch.randn(B, generator=gen, dtype=F64) * 10.0 ** torch.randint(-4, 5, (B,), generator=gen).to(F64)
+    lo = torch.randn(B, generator=gen, dtype=F64)
+    up = lo + 3 * torch.rand(B, generator=gen, dtype=F64)
+    kind = torch.randint(0, 6, (B,), generator=gen)
+    lo = torch.where((kind == 0) | (kind == 2), -torch.inf, lo)
+    up = torch.where((kind == 1) | (kind == 2), torch.inf, torch.where(kind == 3, lo, up))
+    lo[:3], up[:3], p[:3] = 1.0, 2.0, -q[:3] * torch.tensor([1.0, 2.0, 1.5], dtype=F64)  # minimiser on l, on u, inside
+    one = solve_box_qp(q[:, None, None], p[:, None], lo[:, None], up[:, None])
+    Q2 = torch.diag_embed(torch.stack([q, torch.ones_like(q)], -1))
+    two = solve_box_qp(Q2, torch.stack([p, torch.zeros_like(p)], -1), torch.stack([lo, -torch.ones_like(lo)], -1),
+                       torch.stack([up, torch.ones_like(up)], -1))
+    assert bool(one.solved.all()) and bool(two.solved.all())
+    assert float(one.residual.max()) <= 1e-14
+    scale = torch.maximum(one.z[:, 0].abs(), torch.ones(B, dtype=F64))
+    assert float(((one.z[:, 0] - two.z[:, 0]).abs() / scale).max()) <= 1e-12
+    lam_scale = torch.maximum(one.lam.abs().amax(-1), torch.ones(B, dtype=F64))
+    assert float(((one.lam[:, 0] - two.lam[:, 0]).abs() / lam_scale).max()) <= 1e-10    # at z >= l
+    assert float(((one.lam[:, 1] - two.lam[:, 2]).abs() / lam_scale).max()) <= 1e-10    # at z <= u
+    assert torch.allclose(one.z[:3, 0], torch.tensor([1.0, 2.0, 1.5], dtype=F64), rtol=1e-15, atol=0)
+
+
+def test_one_variable_without_curvature_takes_the_iterative_solver():
+    """q = 0 (a linear objective) or q < 0 has no closed-form minimiser of the parabola: the iterative solver answers
+    (the bound that p points to; an unbounded direction is not SOLVED)."""
+    r = solve_box_qp(torch.zeros(3, 1, 1, dtype=F64), torch.tensor([[2.0], [-1.0], [1.0]], dtype=F64),
+                     torch.tensor([[-1.0], [-1.0], [-torch.inf]], dtype=F64), torch.tensor([[3.0], [0.5], [1.0]], dtype=F64))
+    assert r.status.tolist() == [QPStatus.SOLVED, QPStatus.SOLVED, QPStatus.MAX_ITER]
+    assert torch.allclose(r.z[:2, 0], torch.tensor([-1.0, 0.5], dtype=F64), atol=1e-9)

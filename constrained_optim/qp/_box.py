@@ -148,6 +148,17 @@ def _reduced_solve(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, refine: int =
     return z, g, lam_l, lam_u, _box_kkt(S, Qz, z, lam_l, lam_u), z_raw
 
 
+
+def _one_variable(S: _Box) -> tuple[Tensor, Tensor, Tensor]:
+    """The box QP in one variable with q~ > 0 (every element), in closed form: the minimiser of the parabola
+    ½ q~ z² + p~ z over the interval, z = clamp(−p~/q~, l, u), with the multiplier of the bound it stops at
+    (the gradient q~ z + p~ there); z = l for a fixed variable."""
+    q = S.Q[..., 0]
+    z_raw = -S.p / q
+    z = torch.where(S.fixed, S.lo, torch.minimum(torch.maximum(z_raw, S.lb), S.ub))
+    return z, *_box_multipliers(S, q * z + S.p, S.fl & (z_raw <= S.lo), S.fu & (z_raw >= S.up))
+
+
 def _put_rows(full: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
     """A copy of ``full`` with ``rows`` in the rows ``idx``."""
     out = full.clone()
@@ -449,29 +460,32 @@ def solve_box_qp(
     # the solvers aim below tol: the returned point is clamped and re-evaluated, which can cost a
     # little (rounding)
     target = _TARGET * tol
-    if warm_start is not None and max_iter > 0:
-        # active-set iterations from the previous answer (often right at once)
-        lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
-        z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
-        y = lam_ws[..., n:] - lam_ws[..., :n]
-        at_u = fu & (y + z_ws - S.up > 0)
-        at_l = fl & (y + z_ws - S.lo < 0) & ~at_u
-        *cand, it = _box_pdas(S, z_ws, at_l, at_u, target, min(max_iter, _WARM_PDAS_ITER))
-        merge(None, cand, it)
-    todo = ~(res <= target)
-    n_todo = int(todo.sum())
-    if n_todo > 0:
-        idx = None if n_todo == B else todo.nonzero().squeeze(-1)
-        Si = S if idx is None else S.index(idx)
-        *cand, it, z_i, at_l, at_u = _box_ipm(Si, target, max_iter)
-        merge(idx, cand, it)
-        # where polishing inside the interior point method did not finish, active-set iterations
-        # from its last iterate and active-set guess usually do
-        left = ~((res if idx is None else res[idx]) <= target)
-        if bool(left.any()):
-            sub = left.nonzero().squeeze(-1)
-            *cand, it = _box_pdas(Si.index(sub), z_i[sub], at_l[sub], at_u[sub], target, _FINAL_PDAS_ITER)
-            merge(sub if idx is None else idx[sub], cand, it)
+    if n == 1 and bool((S.Q > 0).all()):      # one variable: closed form
+        zs, lam_l, lam_u = _one_variable(S)
+    else:
+        if warm_start is not None and max_iter > 0:
+            # active-set iterations from the previous answer (often right at once)
+            lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
+            z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
+            y = lam_ws[..., n:] - lam_ws[..., :n]
+            at_u = fu & (y + z_ws - S.up > 0)
+            at_l = fl & (y + z_ws - S.lo < 0) & ~at_u
+            *cand, it = _box_pdas(S, z_ws, at_l, at_u, target, min(max_iter, _WARM_PDAS_ITER))
+            merge(None, cand, it)
+        todo = ~(res <= target)
+        n_todo = int(todo.sum())
+        if n_todo > 0:
+            idx = None if n_todo == B else todo.nonzero().squeeze(-1)
+            Si = S if idx is None else S.index(idx)
+            *cand, it, z_i, at_l, at_u = _box_ipm(Si, target, max_iter)
+            merge(idx, cand, it)
+            # where polishing inside the interior point method did not finish, active-set iterations
+            # from its last iterate and active-set guess usually do
+            left = ~((res if idx is None else res[idx]) <= target)
+            if bool(left.any()):
+                sub = left.nonzero().squeeze(-1)
+                *cand, it = _box_pdas(Si.index(sub), z_i[sub], at_l[sub], at_u[sub], target, _FINAL_PDAS_ITER)
+                merge(sub if idx is None else idx[sub], cand, it)
     # back to original units, clamping rounding-level bound violations; the residual is that of
     # exactly what is returned, evaluated on the equilibrated problem
     z = torch.where(fixed, lo, torch.minimum(torch.maximum(zs * d, lo), up))
