@@ -135,13 +135,13 @@ class Jacobian:
             start += len(B)
         # slices in which the differences of the blocks stay in cache
         width = max(1, _entries(_SLICE, out.device) // max([len(B) for B, _, _ in changed] + [1]))
+        mu, g, g_prev = gradients if gradients is not None else (0.0, None, None)
         for begin in range(0, self.n, width):
             cols = slice(begin, begin + width)
             part = out[cols]
-            if gradients is None:
+            if g is None:
                 part.zero_()
             else:
-                mu, g, g_prev = gradients
                 torch.sub(g[cols], g_prev[cols], out=part).mul_(mu)
             for B, B_prev, weights in changed:
                 part.addmv_((B[:, cols] - B_prev[:, cols]).to(_WORK).T, weights)

@@ -148,7 +148,6 @@ def _reduced_solve(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, refine: int =
     return z, g, lam_l, lam_u, _box_kkt(S, Qz, z, lam_l, lam_u), z_raw
 
 
-
 def _one_variable(S: _Box) -> tuple[Tensor, Tensor, Tensor]:
     """The box QP in one variable with q~ > 0 (every element), in closed form: the minimiser of the parabola
     ½ q~ z² + p~ z over the interval, z = clamp(−p~/q~, l, u), with the multiplier of the bound it stops at
@@ -460,32 +459,33 @@ def solve_box_qp(
     # the solvers aim below tol: the returned point is clamped and re-evaluated, which can cost a
     # little (rounding)
     target = _TARGET * tol
-    if n == 1 and bool((S.Q > 0).all()):      # one variable: closed form
+    if n == 1 and bool((S.Q > 0).all()):
+        # one variable: closed form (its residual is evaluated below, with every answer's)
         zs, lam_l, lam_u = _one_variable(S)
-    else:
-        if warm_start is not None and max_iter > 0:
-            # active-set iterations from the previous answer (often right at once)
-            lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
-            z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
-            y = lam_ws[..., n:] - lam_ws[..., :n]
-            at_u = fu & (y + z_ws - S.up > 0)
-            at_l = fl & (y + z_ws - S.lo < 0) & ~at_u
-            *cand, it = _box_pdas(S, z_ws, at_l, at_u, target, min(max_iter, _WARM_PDAS_ITER))
-            merge(None, cand, it)
-        todo = ~(res <= target)
-        n_todo = int(todo.sum())
-        if n_todo > 0:
-            idx = None if n_todo == B else todo.nonzero().squeeze(-1)
-            Si = S if idx is None else S.index(idx)
-            *cand, it, z_i, at_l, at_u = _box_ipm(Si, target, max_iter)
-            merge(idx, cand, it)
-            # where polishing inside the interior point method did not finish, active-set iterations
-            # from its last iterate and active-set guess usually do
-            left = ~((res if idx is None else res[idx]) <= target)
-            if bool(left.any()):
-                sub = left.nonzero().squeeze(-1)
-                *cand, it = _box_pdas(Si.index(sub), z_i[sub], at_l[sub], at_u[sub], target, _FINAL_PDAS_ITER)
-                merge(sub if idx is None else idx[sub], cand, it)
+        res = torch.zeros_like(res)
+    elif warm_start is not None and max_iter > 0:
+        # active-set iterations from the previous answer (often right at once)
+        lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
+        z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
+        y = lam_ws[..., n:] - lam_ws[..., :n]
+        at_u = fu & (y + z_ws - S.up > 0)
+        at_l = fl & (y + z_ws - S.lo < 0) & ~at_u
+        *cand, it = _box_pdas(S, z_ws, at_l, at_u, target, min(max_iter, _WARM_PDAS_ITER))
+        merge(None, cand, it)
+    todo = ~(res <= target)
+    n_todo = int(todo.sum())
+    if n_todo > 0:
+        idx = None if n_todo == B else todo.nonzero().squeeze(-1)
+        Si = S if idx is None else S.index(idx)
+        *cand, it, z_i, at_l, at_u = _box_ipm(Si, target, max_iter)
+        merge(idx, cand, it)
+        # where polishing inside the interior point method did not finish, active-set iterations
+        # from its last iterate and active-set guess usually do
+        left = ~((res if idx is None else res[idx]) <= target)
+        if bool(left.any()):
+            sub = left.nonzero().squeeze(-1)
+            *cand, it = _box_pdas(Si.index(sub), z_i[sub], at_l[sub], at_u[sub], target, _FINAL_PDAS_ITER)
+            merge(sub if idx is None else idx[sub], cand, it)
     # back to original units, clamping rounding-level bound violations; the residual is that of
     # exactly what is returned, evaluated on the equilibrated problem
     z = torch.where(fixed, lo, torch.minimum(torch.maximum(zs * d, lo), up))
