@@ -43,6 +43,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .jacobian import _true_runs
+
 
 @dataclass
 class Sandwich:
@@ -248,13 +250,8 @@ class LBFGS:
     def _rows_in_use(self) -> list[slice]:
         """The rows of the buffer that hold the pairs in use, as slices of adjacent slots (the coefficients of the
         other rows are zero)."""
-        runs: list[list[int]] = []
-        for slot in sorted(self.order):
-            if runs and runs[-1][1] == slot:
-                runs[-1][1] = slot + 1
-            else:
-                runs.append([slot, slot + 1])
-        return [slice(2 * a, 2 * b) for a, b in runs]
+        in_use = [slot in self.order for slot in range(max(self.order) + 1)]
+        return [slice(2 * a, 2 * b) for a, b in _true_runs(in_use)]
 
     def _known(self, J) -> tuple[Tensor, list[bool], Tensor] | None:
         """The entries of the dense rows' ``D W`` that the last sandwich computed and that still hold: rows of
