@@ -160,6 +160,7 @@ class LBFGS:
         self._stamps = [-1] * (2 * slots)   # when each buffer row was last written (``_writes`` then)
         self._writes = 0
         self._kept = None                   # the last ``J W`` (see ``_known``)
+        self._gathered = None               # (version, ...) of ``_compact``
         self._pending: int | None = None    # the slot of a deferred pair
         self._SY = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
@@ -194,19 +195,25 @@ class LBFGS:
     def _coefficients(self, WtV: Tensor) -> tuple[Tensor, Tensor]:
         """``(γ, X)`` with ``H V = γ V + Wᵀ X`` (X = [c; −γ a], slot-interleaved, zero for slots not in use) given
         ``WᵀV`` (2k, r)."""
-        slots = self._slots
-        SY = self._SY[slots[:, None], slots]
-        YY = self._YY[slots[:, None], slots]
-        newest = self.order[-1]
-        gamma = self._SY[newest, newest] / self._YY[newest, newest]
-        R = SY.triu()
-        a = torch.linalg.solve_triangular(R, WtV[0::2][slots], upper=True)
-        z = torch.diag(SY)[:, None] * a - gamma * (WtV[1::2][slots] - YY @ a)
-        c = torch.linalg.solve_triangular(R.mT, z, upper=False)
+        gamma, R, YY, diag, s_rows, y_rows = self._compact()
+        a = torch.linalg.solve_triangular(R, WtV[s_rows], upper=True)
+        z = diag * a - gamma * (WtV[y_rows] - YY @ a)
         X = torch.zeros_like(WtV)
-        X[2 * slots] = c
-        X[2 * slots + 1] = -gamma * a
+        X[s_rows] = torch.linalg.solve_triangular(R.mT, z, upper=False)
+        X[y_rows] = -gamma * a
         return gamma, X
+
+    def _compact(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``γ``, ``R``, ``YᵀY``, ``diag(R)`` (a column) in the order of the pairs and the buffer rows of their s
+        and y, gathered once per ``version``."""
+        if self._gathered is None or self._gathered[0] != self.version:
+            slots = self._slots
+            SY = self._SY[slots[:, None], slots]
+            newest = self.order[-1]
+            gamma = self._SY[newest, newest] / self._YY[newest, newest]
+            self._gathered = (self.version, gamma, SY.triu(), self._YY[slots[:, None], slots],
+                              torch.diag(SY)[:, None], 2 * slots, 2 * slots + 1)
+        return self._gathered[1:]
 
     def apply(self, V: Tensor) -> Tensor:
         """``H V = γ V + S c − γ Y a``, all columns of ``V`` at once."""

@@ -169,12 +169,17 @@ def test_shared_blocks_and_known_products_equal_fresh_ones():
     assert float(change[:6].abs().max()) > 0      # block 1 moved
 
 
-def test_thin_products_that_share_a_block_equal_their_dense_values():
+@pytest.mark.parametrize("stacked", [False, True], ids=["by-rows", "stacked"])
+def test_thin_products_that_share_a_block_equal_their_dense_values(stacked, monkeypatch):
     """The thin path multiplies each distinct fat block once per slice by every thin block of any product that
     needs it (the L-BFGS pass, the kept rows times the new columns and a changed row's Gram all read the same
     kept block): every product still equals its dense value, also where one thin block and one fat block meet
-    in two products."""
+    in two products. Both ways of doing it: one matrix-vector product per thin row (CPU), the thin blocks
+    stacked (other devices; forced here)."""
+    from constrained_optim import jacobian
     from constrained_optim.jacobian import _products
+    if stacked:
+        monkeypatch.setattr(jacobian, "_thin_products_by_rows", jacobian._thin_products_stacked)
     n = 100_000              # several column slices of the thin path
     gen = torch.Generator().manual_seed(6)
     A, W = torch.randn(63, n, generator=gen, dtype=F64), torch.randn(6, n, generator=gen, dtype=F64)
