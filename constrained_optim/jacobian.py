@@ -415,13 +415,13 @@ def _thin_products(live: list[tuple[Tensor, list[Tensor], list[Tensor]]], device
             offset[key] = at
             at += len(T)
         plans.append((tuple(offset), M, thin, M.new_zeros(at, len(M)), targets, offset))
-    (_thin_products_by_rows if device.type == "cpu" else _thin_products_stacked)(plans, n, width, live[0][0])
+    (_thin_products_by_rows if device.type == "cpu" else _thin_products_stacked)(plans, n, width)
     for _, _, _, acc, targets, offset in plans:
         for view, key in targets:
             view += acc[offset[key]:offset[key] + len(view)]
 
 
-def _thin_products_by_rows(plans: list, n: int, width: int, like: Tensor) -> None:
+def _thin_products_by_rows(plans: list, n: int, width: int) -> None:
     """On a CPU, one matrix-vector product per thin row and slice: the fat slice comes from memory for the first and
     from the cache for the others (MKL's products of a few rows by a fat slice cost more, per row, than these: 18
     against 25 ms for 3 rows times 24 rows of 10⁶ columns, float64, one thread)."""
@@ -433,12 +433,12 @@ def _thin_products_by_rows(plans: list, n: int, width: int, like: Tensor) -> Non
                 target.addmv_(fat[s], parts[s])
 
 
-def _thin_products_stacked(plans: list, n: int, width: int, like: Tensor) -> None:
+def _thin_products_stacked(plans: list, n: int, width: int) -> None:
     """Elsewhere (one kernel per product counts), one product per fat block and slice, with the thin blocks that
     multiply it stacked in a small buffer; fat blocks multiplied by the same thin blocks one after the other, so
     that a slice copies those into the buffer once."""
     plans = sorted(plans, key=lambda plan: plan[0])
-    buffer = like.new_empty(max(len(plan[3]) for plan in plans), min(width, n))
+    buffer = plans[0][3].new_empty(max(len(plan[3]) for plan in plans), min(width, n))
     for start in range(0, n, width):
         cols = slice(start, start + width)
         copied = None
