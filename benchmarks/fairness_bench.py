@@ -38,14 +38,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import shlex
+import os
 import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
 
-import constrained_optim as co
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import constrained_optim as co  # noqa: E402
 
 RATE = 0.3
 RADIUS = 0.5

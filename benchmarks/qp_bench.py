@@ -15,9 +15,11 @@ import os
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
 
-from constrained_optim.qp import solve_box_qp
+import torch  # noqa: E402
+
+from constrained_optim.qp import solve_box_qp  # noqa: E402
 
 
 def make_problem(B: int, m: int, rank_deficient: bool, device, dtype, gen):

@@ -27,6 +27,7 @@ import time
 import traceback
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))                        # this checkout's package
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
 
 import torch  # noqa: E402

@@ -37,6 +37,7 @@ import types
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)                                          # this checkout's package
 sys.path.insert(0, os.path.join(_ROOT, "examples"))
 
 import constrained_optim as co  # noqa: E402

@@ -526,3 +526,39 @@ def test_one_variable_without_curvature_takes_the_iterative_solver():
                      torch.tensor([[-1.0], [-1.0], [-torch.inf]], dtype=F64), torch.tensor([[3.0], [0.5], [1.0]], dtype=F64))
     assert r.status.tolist() == [QPStatus.SOLVED, QPStatus.SOLVED, QPStatus.MAX_ITER]
     assert torch.allclose(r.z[:2, 0], torch.tensor([-1.0, 0.5], dtype=F64), atol=1e-9)
+
+
+def test_one_variable_closed_form_answers_only_regular_batches():
+    """The closed form answers a batch only when every element has q > 0 and l <= u and its answer checks out;
+    otherwise the general path gives each element its status: NaN data NUMERICAL, an empty interval and a lower
+    bound of +inf INFEASIBLE, a concave parabola (q < 0, whose stationary point is its maximum) the bound of least
+    value. −p/q beyond the floating-point range (q = 1e-300, p = 1e10) stops at the bound it points to. The
+    regular element gets the same answer either way."""
+    Q = torch.tensor([2.0, 2.0, 2.0, 2.0, 1e-300, -2.0], dtype=F64)[:, None, None]
+    p = torch.tensor([1.0, float("nan"), 1.0, 1.0, 1e10, 1.0], dtype=F64)[:, None]
+    lo = torch.tensor([0.0, 0.0, 1.0, float("inf"), -1.0, -1.0], dtype=F64)[:, None]
+    up = torch.tensor([1.0, 1.0, 0.0, float("inf"), 1.0, 1.0], dtype=F64)[:, None]
+    mixed = solve_box_qp(Q, p, lo, up)
+    S, N, I = QPStatus.SOLVED, QPStatus.NUMERICAL, QPStatus.INFEASIBLE
+    assert mixed.status.tolist() == [S, N, I, I, S, S]
+    assert mixed.z[[0, 4, 5], 0].tolist() == [0.0, -1.0, -1.0]
+    assert torch.allclose(mixed.lam[[0, 4], 0], torch.tensor([1.0, 1e10], dtype=F64), rtol=1e-12, atol=0)
+    for i in range(1, 6):           # each other element alone with the regular one
+        pair = solve_box_qp(Q[[0, i]], p[[0, i]], lo[[0, i]], up[[0, i]])
+        assert pair.status.tolist() == [S, mixed.status[i]] and pair.z[0].tolist() == mixed.z[0].tolist()
+        if mixed.status[i] == S:
+            assert pair.z[1].tolist() == mixed.z[i].tolist()
+    regular = solve_box_qp(Q[:1], p[:1], lo[:1], up[:1])
+    assert regular.status.tolist() == [S] and regular.iterations.tolist() == [0]     # the closed form
+    assert regular.z.tolist() == mixed.z[:1].tolist() and regular.lam.tolist() == mixed.lam[:1].tolist()
+
+
+def test_one_variable_closed_form_is_solved_only_within_tol():
+    """SOLVED means a residual at most tol, for the closed form too: with tol = 0 the answers whose residual is
+    rounding (7 of these 100 interior minimisers) go on to the general path, which does not call them solved."""
+    gen = torch.Generator().manual_seed(0)
+    q, p = torch.rand(100, generator=gen, dtype=F64) + 0.1, torch.randn(100, generator=gen, dtype=F64)
+    r = solve_box_qp(q[:, None, None], p[:, None], -100.0, 100.0, tol=0.0)
+    assert int((r.residual > 0).sum()) > 0
+    assert bool((r.residual[r.solved] == 0).all())
+    assert torch.allclose(r.z[:, 0], -p / q, rtol=1e-12, atol=1e-15)

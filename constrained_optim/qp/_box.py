@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._linalg import _DELTA, _F64, _amax, _nan_to_zero, _where_b
-from ._problem import QPResult, _batch_shape, _check_tensor, _column_scale, _common, _finite_rows, _flat, _Problem, _result, _status
+from ._problem import QPResult, QPStatus, _batch_shape, _check_tensor, _column_scale, _common, _finite_rows, _flat, _Problem, _result, _status
 from ._qpth import _solve_qpth
 
 # Refinement steps of the box polish inside the interior point method ...
@@ -148,14 +148,25 @@ def _reduced_solve(S: _Box, z: Tensor, at_l: Tensor, at_u: Tensor, refine: int =
     return z, g, lam_l, lam_u, _box_kkt(S, Qz, z, lam_l, lam_u), z_raw
 
 
-def _one_variable(S: _Box) -> tuple[Tensor, Tensor, Tensor]:
-    """The box QP in one variable with q~ > 0 (every element), in closed form: the minimiser of the parabola
-    ½ q~ z² + p~ z over the interval, z = clamp(−p~/q~, l, u), with the multiplier of the bound it stops at
-    (the gradient q~ z + p~ there); z = l for a fixed variable."""
-    q = S.Q[..., 0]
-    z_raw = -S.p / q
-    z = torch.where(S.fixed, S.lo, torch.minimum(torch.maximum(z_raw, S.lb), S.ub))
-    return z, *_box_multipliers(S, q * z + S.p, S.fl & (z_raw <= S.lo), S.fu & (z_raw >= S.up))
+def _one_variable(Q: Tensor, p: Tensor, lo: Tensor, up: Tensor, tol: float) -> tuple[Tensor, ...] | None:
+    """The box QP in one variable (flat batch (b, 1)) in closed form: the minimiser of the parabola ½ q z² + p z
+    over the interval, z = clamp(−p/q, l, u), with the multiplier of the bound it stops at (the gradient
+    g = q z + p there). Its residual is the module's on the equilibrated problem (q~ = 1, z~ = √q z, p~ = p / √q,
+    λ~ = λ / √q), which for a clamped z and these multipliers is stationarity alone:
+    |g − λ_l + λ_u| / (√q + max(q |z|, |λ_u − λ_l|, |p|)). Returns (z, λ_l, λ_u, residual), or None unless every
+    element has q > 0 and l <= u and its answer passes ``tol`` (NaN or infinite data, or a bound at ±inf where
+    z stops, make the residual NaN)."""
+    q = Q[..., 0]
+    z_raw = -p / q
+    z = torch.minimum(torch.maximum(z_raw, lo), up)
+    g = q * z + p
+    lam_l = torch.where(z_raw <= lo, g.clamp(min=0.0), 0.0)
+    lam_u = torch.where(z_raw >= up, (-g).clamp(min=0.0), 0.0)
+    scale = q.sqrt() + torch.maximum(torch.maximum((q * z).abs(), (lam_u - lam_l).abs()), p.abs())
+    res = ((g - lam_l + lam_u).abs() / scale)[:, 0]
+    if not bool(((q > 0) & (lo <= up))[:, 0].logical_and(res <= tol).all()):
+        return None
+    return z, lam_l, lam_u, res
 
 
 def _put_rows(full: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
@@ -415,6 +426,11 @@ def solve_box_qp(
         return _solve_qpth(P, batch, dtype, tol, max_iter, box=True)
     if backend != "builtin":
         raise ValueError(f"unknown backend {backend!r}; use 'builtin' or 'qpth'")
+    closed = _one_variable(Qf, pf, lo, up, tol) if n == 1 else None
+    if closed is not None:
+        z, lam_l, lam_u, res = closed
+        return _result(batch, dtype, z, torch.full_like(res, int(QPStatus.SOLVED), dtype=torch.int64),
+                       torch.cat([lam_l, lam_u], -1), Qf.new_zeros(B, 0), torch.zeros_like(res, dtype=torch.int64), res)
     # NaN/inf data make an element NUMERICAL, an empty box INFEASIBLE. One cheap screen first: it is exactly 0
     # when the sums of Q and p are finite and lo - up <= 0 everywhere (NaN for NaN bounds, for -inf..-inf and
     # +inf..+inf); the exact tests run only where it fires.
@@ -459,11 +475,7 @@ def solve_box_qp(
     # the solvers aim below tol: the returned point is clamped and re-evaluated, which can cost a
     # little (rounding)
     target = _TARGET * tol
-    if n == 1 and bool((S.Q > 0).all()):
-        # one variable: closed form (its residual is evaluated below, with every answer's)
-        zs, lam_l, lam_u = _one_variable(S)
-        res = torch.zeros_like(res)
-    elif warm_start is not None and max_iter > 0:
+    if warm_start is not None and max_iter > 0:
         # active-set iterations from the previous answer (often right at once)
         lam_ws = _nan_to_zero(_flat(warm_start.lam.detach(), batch, (2 * n,))) * torch.cat([d, d], -1)
         z_ws = _nan_to_zero(_flat(warm_start.z.detach(), batch, (n,)) / d)
