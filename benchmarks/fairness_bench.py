@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shlex
 import os
+import shlex
 import statistics
 import sys
 import time

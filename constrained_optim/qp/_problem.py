@@ -120,7 +120,7 @@ def _batch_shape(shapes: dict[str, tuple]) -> torch.Size:
     """The batch shapes broadcast together (``torch.broadcast_shapes``, whose general path costs more than a small
     QP's arithmetic, only where a shape is neither empty nor the longest one)."""
     longest = max(shapes.values(), key=len)
-    if all(len(shape) == 0 or tuple(shape) == tuple(longest) for shape in shapes.values()):
+    if all(len(shape) == 0 or shape == longest for shape in shapes.values()):
         return torch.Size(longest)
     try:
         return torch.broadcast_shapes(*shapes.values())
