@@ -38,12 +38,43 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .jacobian import _true_runs
+
+
+# A deferred pair's ``Wᵀy`` is formed from differences of products (see :meth:`LBFGS.defer`) only when the products it
+# cancels are at most this many times ‖y‖: their rounding (~eps ‖w‖ ‖g‖ each) then stays within this many times that
+# of the products themselves (~eps ‖w‖ ‖y‖).
+_CANCELLATION = 100.0
+
+
+@dataclass
+class GradientChange:
+    """``y = μ (g₁ − g₀) + (J₁ − J₀)ᵀ w``: the change of the gradient of the Lagrangian ``μ f + wᵀc`` from a point
+    (``g₀ = ∇f``, ``J₀`` its constraint Jacobian) to another (``g₁``, ``J₁``), with the same μ and weights w (m,)."""
+
+    mu: float
+    g0: Tensor
+    J0: Any
+    g1: Tensor
+    J1: Any
+    w: Tensor
+
+
+class _Products(NamedTuple):
+    """What a sandwich's pass computed, for the next: ``J W`` of the dense rows (``blocks``: weak references to J's
+    blocks), ``Wᵀg`` and ``gᵀg`` (``g``: a weak reference), with the ``stamps`` of W's rows then."""
+
+    blocks: list
+    JW: Tensor
+    stamps: list[int]
+    g: Any
+    Wg: Tensor
+    gg: Tensor
 
 
 @dataclass
@@ -119,8 +150,9 @@ class DenseBFGS:
         self.version += 1
         return True
 
-    def defer(self, s: Tensor, y: Tensor) -> None:
-        """:meth:`update` now (the dense matrix has no pass over stored pairs to share, see :meth:`LBFGS.defer`)."""
+    def defer(self, s: Tensor, y: Tensor, change: GradientChange | None = None) -> None:
+        """:meth:`update` now (the dense matrix has no pass over stored pairs to share, see :meth:`LBFGS.defer`;
+        ``change`` is not needed)."""
         self.update(s, y)
 
     def pair_rows(self) -> tuple[Tensor, Tensor]:
@@ -144,8 +176,9 @@ class LBFGS:
     ``W``, the rows up to the last slot in use, is one contiguous block); ``order`` lists the slots in use, oldest
     first, and ``SᵀY`` (its upper triangle in that order), ``YᵀY`` (slot-indexed) are updated with each pair. The
     slot beyond the memory is where a pair given to :meth:`defer` waits: the next :meth:`sandwich` takes its
-    products ``Wᵀy`` from the pass over W that it makes anyway, instead of a pass of their own. Rows of slots not in use are zero or hold an
-    accepted pair (finite): their coefficients are zero.
+    products ``Wᵀy`` from the pass over W that it makes anyway, instead of a pass of their own, or, when y is a
+    known change of gradients (:class:`GradientChange`), from the differences of the products of two sandwiches.
+    Rows of slots not in use are zero or hold an accepted pair (finite): their coefficients are zero.
     """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, memory: int, damping: float = 1e-4):
@@ -159,9 +192,10 @@ class LBFGS:
         slots = self.memory + 1
         self._stamps = [-1] * (2 * slots)   # when each buffer row was last written (``_writes`` then)
         self._writes = 0
-        self._kept = None                   # the last ``J W`` (see ``_known``)
+        self._kept: _Products | None = None  # the last sandwich's products (see ``_known``, ``_pair_products``)
         self._gathered = None               # (version, ...) of ``_compact``
         self._pending: int | None = None    # the slot of a deferred pair
+        self._change: GradientChange | None = None   # what its y is the change of (see ``defer``)
         self._SY = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
         self.order: list[int] = []
@@ -234,13 +268,17 @@ class LBFGS:
             G, Jg, _ = J.gram_and_times([g[None]])
             return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y), Jg[:, 0])
         W = self.W
-        left = [g[None]] if self._pending is None else [g[None], self._W[2 * self._pending + 1][None]]
+        pair = self._pair_products(J, g)
+        left = [g[None]] if self._pending is None or pair is not None else [g[None], self._W[2 * self._pending + 1][None]]
         # one pass: J Jᵀ, J W, J g, Wᵀg (and Wᵀy of a deferred pair), but not the part of J W known already
         G, JV, LV = J.gram_and_times([W, g[None]], left=left, known=self._known(J))
-        if self._pending is not None and not self._join(LV[1, :-1]):
-            return self.sandwich(J, g)     # damped or skipped: the pair is settled on its own, then a fresh pass
         JW, Jg, Wg = JV[:, :-1], JV[:, -1], LV[0, :-1]
-        self._kept = ([weakref.ref(B) for B in J.blocks], JW[J.dense_rows], list(self._stamps[:len(W)]))
+        if self._pending is not None:
+            Wy = LV[1, :-1] if pair is None else self._change_products(J, JW, Wg, pair)
+            if not self._join(Wy):
+                return self.sandwich(J, g)     # damped or skipped: the pair is settled on its own, then a fresh pass
+        self._kept = _Products([weakref.ref(B) for B in J.blocks], JW[J.dense_rows], list(self._stamps[:len(W)]),
+                               weakref.ref(g), Wg, LV[0, -1])
         gamma, X = self._coefficients(torch.cat([JW.T, Wg[:, None]], dim=1))
         JWX = JW @ X
 
@@ -267,7 +305,7 @@ class LBFGS:
         a last column for ``g``, never known)."""
         if self._kept is None:
             return None
-        refs, DW, stamps = self._kept
+        refs, DW, stamps = self._kept[:3]
         blocks = [i < len(refs) and refs[i]() is B for i, B in enumerate(J.blocks)]
         k2 = len(self.W)
         if not any(blocks) or len(refs) != len(J.blocks) or DW.shape[0] != J.dense_rows.numel():
@@ -276,6 +314,41 @@ class LBFGS:
         K = DW.new_zeros(DW.shape[0], k2 + 1)
         K[:, :min(k2, DW.shape[1])] = DW[:, :k2]
         return K, blocks, torch.tensor(columns, device=DW.device)
+
+    def _pair_products(self, J, g: Tensor) -> Tensor | None:
+        """``[sᵀy, yᵀy]`` of a deferred pair (one pass over s and y) when the rest of its ``Wᵀy`` can come from
+        differences of products (see :meth:`defer`): its y is the change to this ``J``, ``g`` from those of the last
+        sandwich, no other row of W has changed since, and the products that cancel are at most ``_CANCELLATION``
+        times ‖y‖, bounded by ``μ(‖g₁‖ + ‖g₀‖) + Σ|wᵢ|(‖∇c_i(x₁)‖ + ‖∇c_i(x₀)‖) <= 2μ‖g₀‖ + ‖y‖ + 2 Σ|wᵢ|(...)``
+        (the triangle inequality on y) before the pass that gives ‖g₁‖; else None."""
+        change, kept, slot = self._change, self._kept, self._pending
+        if change is None or kept is None or change.g1 is not g or change.J1 is not J or kept.g() is not change.g0:
+            return None
+        J0 = change.J0
+        if (len(kept.blocks) != len(J0.blocks) or any(ref() is not B for ref, B in zip(kept.blocks, J0.blocks))
+                or len(kept.JW) != J.dense_rows.numel()):
+            return None
+        own = (2 * slot, 2 * slot + 1)
+        if any(j not in own and (j >= len(kept.stamps) or kept.stamps[j] != self._stamps[j]) for j in range(len(self.W))):
+            return None
+        pair = self._W[2 * slot:2 * slot + 2] @ self._W[2 * slot + 1]
+        norm_y = pair[1].sqrt()
+        w = change.w[J.dense_rows].to(self.dtype).abs()
+        rows = J.row_norms()[J.dense_rows] + J0.row_norms()[J0.dense_rows]
+        cancelled = 2 * change.mu * kept.gg.sqrt() + norm_y + 2 * w.dot(rows)
+        return pair if bool(cancelled <= _CANCELLATION * norm_y) else None
+
+    def _change_products(self, J, JW: Tensor, Wg: Tensor, pair: Tensor) -> Tensor:
+        """``Wᵀy = μ (Wᵀg₁ − Wᵀg₀) + (J₁W − J₀W)ᵀ w`` for the rows of W the last sandwich multiplied (each difference
+        of products of the same row), the pair's own rows from ``pair``."""
+        change, kept, slot = self._change, self._kept, self._pending
+        k = len(kept.Wg)
+        dg, dJW = Wg.clone(), JW[J.dense_rows]
+        dg[:k] -= kept.Wg
+        dJW[:, :k] -= kept.JW
+        Wy = change.mu * dg + dJW.T @ change.w[J.dense_rows].to(self.dtype)
+        Wy[2 * slot:2 * slot + 2] = pair
+        return Wy
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Damped update; ``yᵀHy`` from ``Wᵀy`` (H y itself only when damping needs it). Returns whether the pair
@@ -306,11 +379,17 @@ class LBFGS:
         self._accept(slot, Wy)
         return True
 
-    def defer(self, s: Tensor, y: Tensor) -> None:
+    def defer(self, s: Tensor, y: Tensor, change: GradientChange | None = None) -> None:
         """:meth:`update` with the pair (s, y), done when ``H`` is next used: by :meth:`sandwich` from its own pass
-        over W when no damping is needed (at large n a pass over W costs as much as the rest of the update)."""
+        over W when no damping is needed (at large n a pass over W costs as much as the rest of the update).
+
+        With ``change``, y's change of gradients from the point of the last sandwich to that of the next, ``Wᵀy``
+        of the pairs already stored comes from the products of the two sandwiches by linearity,
+        ``μ (Wᵀg₁ − Wᵀg₀) + (J₁W − J₀W)ᵀ w``, and the pass over W carries one vector fewer: used when the terms
+        that cancel are not much larger than y (``_CANCELLATION``), else y is multiplied as without ``change``."""
         self._flush()
         self._pending = self._write(s, y)
+        self._change = change
         self.version += 1
 
     def pair_rows(self) -> tuple[Tensor, Tensor]:
@@ -324,7 +403,7 @@ class LBFGS:
     def _flush(self) -> None:
         """Settle a deferred pair with :meth:`update`."""
         if self._pending is not None:
-            slot, self._pending = self._pending, None
+            slot, self._pending, self._change = self._pending, None, None
             s, y = self._W[2 * slot].clone(), self._W[2 * slot + 1].clone()
             self._W[2 * slot:2 * slot + 2] = 0.0
             self.update(s, y)
@@ -343,7 +422,7 @@ class LBFGS:
         if not bool((sy >= self.damping * yHy) & torch.isfinite(sy) & torch.isfinite(scale) & (sy > 1e-14 * scale)):
             self._flush()
             return False
-        self._pending = None
+        self._pending = self._change = None
         self._accept(slot, Wy)
         return True
 

@@ -33,7 +33,7 @@ from ._wrapped import PointRecord, check_positive, linf_violation
 from .certificate import Certificate, Status, violations_by_name
 from .constraints import Constraint, ConstraintValues, canonical, evaluate
 from .distributed import DataParallel, check_option
-from .hessian import LBFGS, DenseBFGS, Sandwich
+from .hessian import LBFGS, DenseBFGS, GradientChange, Sandwich
 from .jacobian import Jacobian
 from .linesearch import LineSearchResult, Outcome, step_resolution, weak_wolfe
 from .qp import QPResult
@@ -64,6 +64,7 @@ class _Point:
     previous: Jacobian | None = None    # the current point's J, for rows that did not change (trial points)
     _sandwich: tuple | None = None
     _x_inf: float | None = None
+    _g_inf: float | None = None
 
     def jacobian(self) -> Jacobian:
         if self.J is None:
@@ -94,8 +95,15 @@ class _Point:
         return self._x_inf
 
     @property
+    def g_inf(self) -> float:
+        """``‖∇f‖∞``, computed once (NaN or inf where ∇f holds one)."""
+        if self._g_inf is None:
+            self._g_inf = max_abs(self.g)
+        return self._g_inf
+
+    @property
     def finite(self) -> bool:
-        return math.isfinite(self.f) and _all_finite(self.g) and _all_finite(self.c)
+        return math.isfinite(self.f) and math.isfinite(self.g_inf) and _all_finite(self.c)
 
     @property
     def jacobian_finite(self) -> bool:
@@ -362,7 +370,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             n = self._flat.n
             st["hessian"] = (DenseBFGS(n, _WORK, x.device, self.defaults["damping"]) if self._memory is None
                              else LBFGS(n, _WORK, x.device, self._memory, self.defaults["damping"]))
-            st["g_ref"] = max_abs(point.g)
+            st["g_ref"] = point.g_inf
         st["p"] = point.values.p
         st["rescues"] = st["expansions"] = st["stalls"] = 0
         st["t0"] = 1.0
@@ -407,7 +415,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
             s, y = H.pair_rows()           # (computed where H keeps them: no copies of n-vectors)
             torch.sub(trial.x, point.x, out=s)
             trial.jacobian().rmatmul_change(point.jacobian(), y_dual, out=y, gradients=(mu, trial.g, point.g))
-            H.defer(s, y)
+            H.defer(s, y, GradientChange(mu, point.g, point.jacobian(), trial.g, trial.jacobian(), y_dual))
             st["iteration"] += 1
             step, size = max_abs(s), max(1.0, point.x_inf)
             # evidence of unboundedness: φ still decreasing after every expansion, at feasible points,
@@ -554,8 +562,7 @@ class ConstrainedSQP(DataParallel, PointRecord, torch.optim.Optimizer):
         st = self._state
         p = st["p"]
         ineq, eq = linf_violation(point.c, p)
-        g_scale = max(max_abs(point.g), st["g_ref"],
-                      torch.finfo(_WORK).tiny)
+        g_scale = max(point.g_inf, st["g_ref"], torch.finfo(_WORK).tiny)
         meas = stationarity.measure(point.g[None], [point.jacobian()], point.c, p, g_scale, self._tol_ineq,
                                     st.get("fit"), Jg=point.known_Jg)
         st["fit"] = meas.qp

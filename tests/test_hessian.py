@@ -324,3 +324,98 @@ def test_direction_of_the_sandwich_is_minus_h_times_the_lagrangian_gradient():
         assert torch.allclose(sandwich.direction(0.7, w), expected, rtol=1e-11, atol=1e-12)
         if free:
             H._W[2 * free[0]:2 * free[0] + 2] = 0.0    # (rows not in use hold zeros or an accepted pair)
+
+
+def _lagrangian_pairs(n, m, points, seed, g_offset=0.0):
+    """Gradients ``g_k``, Jacobians ``J_k`` at ``points`` points and the pairs of the change of ``μ f + wᵀc`` between
+    neighbours, ``y = μ (g₁ − g₀) + (J₁ − J₀)ᵀ w``, with ``s = M y`` (M SPD: positive curvature, no damping);
+    ``g_offset`` adds a large common part to every gradient (it cancels in y)."""
+    from constrained_optim.jacobian import Jacobian
+    gen = torch.Generator().manual_seed(seed)
+    M = _spd(n, gen, 0.5, 2.0)
+    common = g_offset * torch.randn(n, generator=gen, dtype=F64)
+    gs = [common + torch.randn(n, generator=gen, dtype=F64) for _ in range(points)]
+    Js = [Jacobian.from_dense(torch.randn(m, n, generator=gen, dtype=F64)) for _ in range(points)]
+    mu, ws = 0.3, [torch.randn(m, generator=gen, dtype=F64) for _ in range(points)]
+    ys = [mu * (gs[k] - gs[k - 1]) + (Js[k].to_dense() - Js[k - 1].to_dense()).T @ ws[k] for k in range(1, points)]
+    return mu, gs, Js, ws, [(M @ y, y) for y in ys]
+
+
+def _run_lagrangian_pairs(mu, gs, Js, ws, pairs, at=lambda g, J, k: (g, J), between=lambda H, k: None):
+    """An operator given the pairs by plain ``defer`` and one given each pair's ``GradientChange``, both sandwiched
+    at every point k with ``at(g_k, J_k, k)`` (then ``between(H, k)`` on each); returns both and, per point, the two
+    sandwiches' ``(J H Jᵀ, J H g, direction(0.7, w))``."""
+    from constrained_optim.hessian import GradientChange
+    n = gs[0].numel()
+    plain, changed = LBFGS(n, F64, CPU, memory=3), LBFGS(n, F64, CPU, memory=3)
+
+    def data(sandwich, k):
+        return sandwich.M, sandwich.JHg, sandwich.direction(0.7, ws[k])
+    sandwiches = [(data(plain.sandwich(Js[0], gs[0]), 0), data(changed.sandwich(Js[0], gs[0]), 0))]
+    point = [at(gs[k], Js[k], k) for k in range(len(gs))]
+    for k, (s, y) in enumerate(pairs, start=1):
+        plain.defer(s, y)
+        changed.defer(s.clone(), y.clone(), GradientChange(mu, gs[k - 1], Js[k - 1], gs[k], Js[k], ws[k]))
+        g, J = point[k]
+        sandwiches.append((data(plain.sandwich(J, g), k), data(changed.sandwich(J, g), k)))
+        between(plain, k)
+        between(changed, k)
+    return plain, changed, sandwiches
+
+
+def test_deferred_change_of_gradients_takes_wty_from_the_two_sandwiches(monkeypatch):
+    """With the ``GradientChange`` of its y, a deferred pair's ``Wᵀy`` is formed from the products of the sandwich
+    before and the one after (``μ (Wᵀg₁ − Wᵀg₀) + (J₁W − J₀W)ᵀ w``, no product with y in the pass): the operator, the
+    QP data and the directions are those of the pairs multiplied directly, past the memory (slots reused)."""
+    used = []
+    original = LBFGS._change_products
+    monkeypatch.setattr(LBFGS, "_change_products", lambda self, *a: used.append(1) or original(self, *a))
+    n, m = 11, 3
+    mu, gs, Js, ws, pairs = _lagrangian_pairs(n, m, points=8, seed=31)
+    plain, changed, sandwiches = _run_lagrangian_pairs(mu, gs, Js, ws, pairs)
+    assert len(used) == len(pairs) - 1          # every pair but the first (nothing stored to take products from)
+    assert changed.order == plain.order and changed.updates == plain.updates == len(pairs)
+    for first, second in sandwiches:
+        for a, b in zip(first, second):
+            assert torch.allclose(b, a, rtol=1e-11, atol=1e-12)
+    assert torch.allclose(_matrix(changed, n), _matrix(plain, n), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["cancellation", "another gradient", "another Jacobian"])
+def test_deferred_change_of_gradients_falls_back_to_the_product_with_y(case, monkeypatch):
+    """The difference of products is not used where it would cancel: gradients 10⁹ times larger than their changes
+    (its rounding would be ~10⁹ times that of a direct product); nor where the sandwich is not at the change's
+    point (at every other point, a gradient or a Jacobian equal to the change's but not the same tensors): then y
+    is multiplied in the pass, bit for bit as without the change."""
+    from constrained_optim.jacobian import Jacobian
+    used = []
+    original = LBFGS._change_products
+    monkeypatch.setattr(LBFGS, "_change_products", lambda self, *a: used.append(1) or original(self, *a))
+    n, m = 11, 3
+    offset, at = {"cancellation": (1e9, lambda g, J, k: (g, J)),
+                  "another gradient": (0.0, lambda g, J, k: (g.clone() if k % 2 else g, J)),
+                  "another Jacobian": (0.0, lambda g, J, k: (g, Jacobian.from_dense(J.to_dense()) if k % 2 else J))}[case]
+    mu, gs, Js, ws, pairs = _lagrangian_pairs(n, m, points=6, seed=32, g_offset=offset)
+    plain, changed, sandwiches = _run_lagrangian_pairs(mu, gs, Js, ws, pairs, at)
+    assert not used
+    for first, second in sandwiches:
+        assert all(torch.equal(b, a) for a, b in zip(first, second))
+    assert torch.equal(_matrix(changed, n), _matrix(plain, n))
+
+
+def test_deferred_change_of_gradients_needs_the_rows_the_last_sandwich_multiplied(monkeypatch):
+    """A pair stored between two sandwiches (by ``update``) changes rows of W that the last sandwich's products do
+    not cover: the next deferred pair's y is multiplied in the pass; the other pairs take the difference."""
+    used = []
+    original = LBFGS._change_products
+    monkeypatch.setattr(LBFGS, "_change_products", lambda self, *a: used.append(1) or original(self, *a))
+    n, m = 11, 3
+    mu, gs, Js, ws, pairs = _lagrangian_pairs(n, m, points=6, seed=33)
+    extra = pairs[0]
+    plain, changed, sandwiches = _run_lagrangian_pairs(
+        mu, gs, Js, ws, pairs, between=lambda H, k: H.update(extra[0].clone(), extra[1].clone()) if k == 2 else None)
+    assert len(used) == len(pairs) - 2          # not the first pair, nor the one after the update
+    for first, second in sandwiches:
+        for a, b in zip(first, second):
+            assert torch.allclose(b, a, rtol=1e-11, atol=1e-12)
+    assert torch.allclose(_matrix(changed, n), _matrix(plain, n), rtol=1e-11, atol=1e-12)
