@@ -261,7 +261,8 @@ class LBFGS:
     def sandwich(self, J, g: Tensor) -> Sandwich:
         """``J H Jᵀ = γ J Jᵀ + (J W) X_J`` and ``J H g = γ J g + (J W) X_g``, X the coefficients of ``H [Jᵀ g]``;
         the direction uses ``Wᵀ(μ g + Jᵀy) = μ Wᵀg + (J W)ᵀ y`` (no pass over W before the last). A deferred pair
-        joins first, its products from the same pass."""
+        joins first, its products from the same pass (or from differences of this pass's products and the last's,
+        see :meth:`defer`)."""
         if self._pending is not None and not self.order:
             self._flush()               # the first pair: nothing to share
         if not self.order and self._pending is None:
@@ -269,7 +270,9 @@ class LBFGS:
             return Sandwich(G, Jg[:, 0], lambda mu, y: -(mu * g + J.T @ y), Jg[:, 0])
         W = self.W
         pair = self._pair_products(J, g)
-        left = [g[None]] if self._pending is None or pair is not None else [g[None], self._W[2 * self._pending + 1][None]]
+        left = [g[None]]
+        if self._pending is not None and pair is None:
+            left.append(self._W[2 * self._pending + 1][None])
         # one pass: J Jᵀ, J W, J g, Wᵀg (and Wᵀy of a deferred pair), but not the part of J W known already
         G, JV, LV = J.gram_and_times([W, g[None]], left=left, known=self._known(J))
         JW, Jg, Wg = JV[:, :-1], JV[:, -1], LV[0, :-1]
@@ -328,8 +331,8 @@ class LBFGS:
         if (len(kept.blocks) != len(J0.blocks) or any(ref() is not B for ref, B in zip(kept.blocks, J0.blocks))
                 or len(kept.JW) != J.dense_rows.numel()):
             return None
-        own = (2 * slot, 2 * slot + 1)
-        if any(j not in own and (j >= len(kept.stamps) or kept.stamps[j] != self._stamps[j]) for j in range(len(self.W))):
+        own, stamps = (2 * slot, 2 * slot + 1), kept.stamps
+        if any(j not in own and (j >= len(stamps) or stamps[j] != self._stamps[j]) for j in range(len(self.W))):
             return None
         pair = self._W[2 * slot:2 * slot + 2] @ self._W[2 * slot + 1]
         norm_y = pair[1].sqrt()

@@ -394,7 +394,8 @@ def test_deferred_change_of_gradients_falls_back_to_the_product_with_y(case, mon
     n, m = 11, 3
     offset, at = {"cancellation": (1e9, lambda g, J, k: (g, J)),
                   "another gradient": (0.0, lambda g, J, k: (g.clone() if k % 2 else g, J)),
-                  "another Jacobian": (0.0, lambda g, J, k: (g, Jacobian.from_dense(J.to_dense()) if k % 2 else J))}[case]
+                  "another Jacobian": (0.0, lambda g, J, k: (g, Jacobian.from_dense(J.to_dense()) if k % 2 else J)),
+                  }[case]
     mu, gs, Js, ws, pairs = _lagrangian_pairs(n, m, points=6, seed=32, g_offset=offset)
     plain, changed, sandwiches = _run_lagrangian_pairs(mu, gs, Js, ws, pairs, at)
     assert not used
