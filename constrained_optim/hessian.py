@@ -195,7 +195,7 @@ class LBFGS:
         self._kept: _Products | None = None  # the last sandwich's products (see ``_known``, ``_pair_products``)
         self._gathered = None               # (version, ...) of ``_compact``
         self._pending: int | None = None    # the slot of a deferred pair
-        self._change: GradientChange | None = None   # what its y is the change of (see ``defer``)
+        self._change: tuple | None = None    # what its y is the change of (see ``defer``)
         self._SY = torch.zeros(slots, slots, dtype=self.dtype, device=self.device)
         self._YY = torch.zeros_like(self._SY)
         self.order: list[int] = []
@@ -324,10 +324,13 @@ class LBFGS:
         sandwich, no other row of W has changed since, and the products that cancel are at most ``_CANCELLATION``
         times ‖y‖, bounded by ``μ(‖g₁‖ + ‖g₀‖) + Σ|wᵢ|(‖∇c_i(x₁)‖ + ‖∇c_i(x₀)‖) <= 2μ‖g₀‖ + ‖y‖ + 2 Σ|wᵢ|(...)``
         (the triangle inequality on y) before the pass that gives ‖g₁‖; else None."""
-        change, kept, slot = self._change, self._kept, self._pending
-        if change is None or kept is None or change.g1 is not g or change.J1 is not J or kept.g() is not change.g0:
+        kept, slot = self._kept, self._pending
+        if self._change is None or kept is None:
             return None
-        J0 = change.J0
+        mu, w, g0, J0, g1, J1 = self._change
+        g0, J0 = g0(), J0()
+        if g1() is not g or J1() is not J or g0 is None or J0 is None or kept.g() is not g0:
+            return None
         if (len(kept.blocks) != len(J0.blocks) or any(ref() is not B for ref, B in zip(kept.blocks, J0.blocks))
                 or len(kept.JW) != J.dense_rows.numel()):
             return None
@@ -336,20 +339,19 @@ class LBFGS:
             return None
         pair = self._W[2 * slot:2 * slot + 2] @ self._W[2 * slot + 1]
         norm_y = pair[1].sqrt()
-        w = change.w[J.dense_rows].to(self.dtype).abs()
         rows = J.row_norms()[J.dense_rows] + J0.row_norms()[J0.dense_rows]
-        cancelled = 2 * change.mu * kept.gg.sqrt() + norm_y + 2 * w.dot(rows)
+        cancelled = 2 * mu * kept.gg.sqrt() + norm_y + 2 * w[J.dense_rows].to(self.dtype).abs().dot(rows)
         return pair if bool(cancelled <= _CANCELLATION * norm_y) else None
 
     def _change_products(self, J, JW: Tensor, Wg: Tensor, pair: Tensor) -> Tensor:
         """``Wᵀy = μ (Wᵀg₁ − Wᵀg₀) + (J₁W − J₀W)ᵀ w`` for the rows of W the last sandwich multiplied (each difference
         of products of the same row), the pair's own rows from ``pair``."""
-        change, kept, slot = self._change, self._kept, self._pending
+        (mu, w, *_), kept, slot = self._change, self._kept, self._pending
         k = len(kept.Wg)
         dg, dJW = Wg.clone(), JW[J.dense_rows]
         dg[:k] -= kept.Wg
         dJW[:, :k] -= kept.JW
-        Wy = change.mu * dg + dJW.T @ change.w[J.dense_rows].to(self.dtype)
+        Wy = mu * dg + dJW.T @ w[J.dense_rows].to(self.dtype)
         Wy[2 * slot:2 * slot + 2] = pair
         return Wy
 
@@ -392,7 +394,9 @@ class LBFGS:
         that cancel are not much larger than y (``_CANCELLATION``), else y is multiplied as without ``change``."""
         self._flush()
         self._pending = self._write(s, y)
-        self._change = change
+        # (the points by weak reference: a pair that is never joined keeps neither one's gradient nor Jacobian alive)
+        self._change = None if change is None else (change.mu, change.w, *map(weakref.ref, (
+            change.g0, change.J0, change.g1, change.J1)))
         self.version += 1
 
     def pair_rows(self) -> tuple[Tensor, Tensor]:

@@ -420,3 +420,30 @@ def test_deferred_change_of_gradients_needs_the_rows_the_last_sandwich_multiplie
         for a, b in zip(first, second):
             assert torch.allclose(b, a, rtol=1e-11, atol=1e-12)
     assert torch.allclose(_matrix(changed, n), _matrix(plain, n), rtol=1e-11, atol=1e-12)
+
+
+def test_deferred_change_of_gradients_keeps_no_point_alive(monkeypatch):
+    """The change holds its points by weak reference: a pair deferred at the end of a run (never joined) does not
+    keep the previous point's Jacobian (at large n and m the largest object of a run) alive; once that point is gone,
+    the pair joins by the product with y, as without the change."""
+    import gc
+    import weakref
+    from constrained_optim.hessian import GradientChange
+    used = []
+    original = LBFGS._change_products
+    monkeypatch.setattr(LBFGS, "_change_products", lambda self, *a: used.append(1) or original(self, *a))
+    n, m = 11, 3
+    mu, gs, Js, ws, pairs = _lagrangian_pairs(n, m, points=3, seed=34)
+    plain, changed = LBFGS(n, F64, CPU, memory=3), LBFGS(n, F64, CPU, memory=3)
+    for H in (plain, changed):
+        H.update(*pairs[0])
+        H.sandwich(Js[1], gs[1])
+    plain.defer(*pairs[1])
+    changed.defer(pairs[1][0].clone(), pairs[1][1].clone(), GradientChange(mu, gs[1], Js[1], gs[2], Js[2], ws[2]))
+    gone = weakref.ref(Js[1])
+    Js[1] = gs[1] = None
+    gc.collect()
+    assert gone() is None
+    first, second = plain.sandwich(Js[2], gs[2]), changed.sandwich(Js[2], gs[2])
+    assert not used
+    assert torch.equal(second.M, first.M) and torch.equal(_matrix(changed, n), _matrix(plain, n))
