@@ -308,7 +308,7 @@ class LBFGS:
         a last column for ``g``, never known)."""
         if self._kept is None:
             return None
-        refs, DW, stamps = self._kept[:3]
+        refs, DW, stamps = self._kept.blocks, self._kept.JW, self._kept.stamps
         blocks = [i < len(refs) and refs[i]() is B for i, B in enumerate(J.blocks)]
         k2 = len(self.W)
         if not any(blocks) or len(refs) != len(J.blocks) or DW.shape[0] != J.dense_rows.numel():

@@ -22,6 +22,7 @@ import math
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -63,8 +64,6 @@ class _Point:
     J: Jacobian | None = None
     previous: Jacobian | None = None    # the current point's J, for rows that did not change (trial points)
     _sandwich: tuple | None = None
-    _x_inf: float | None = None
-    _g_inf: float | None = None
 
     def jacobian(self) -> Jacobian:
         if self.J is None:
@@ -87,19 +86,15 @@ class _Point:
         """``J ∇f`` if the sandwich computed it, else None."""
         return None if self._sandwich is None else self._sandwich[2].Jg
 
-    @property
+    @cached_property
     def x_inf(self) -> float:
         """``‖x‖∞``, computed once."""
-        if self._x_inf is None:
-            self._x_inf = max_abs(self.x)
-        return self._x_inf
+        return max_abs(self.x)
 
-    @property
+    @cached_property
     def g_inf(self) -> float:
         """``‖∇f‖∞``, computed once (NaN or inf where ∇f holds one)."""
-        if self._g_inf is None:
-            self._g_inf = max_abs(self.g)
-        return self._g_inf
+        return max_abs(self.g)
 
     @property
     def finite(self) -> bool:
