@@ -29,8 +29,11 @@ every certified batch answer is misclassified (margin ≤ 1e-8) and in the box.
     python benchmarks/robustness_batch_bench.py --quick    # N = 16
     python benchmarks/robustness_batch_bench.py --b1       # adds the B = 1 runs
     python benchmarks/robustness_batch_bench.py --no-box   # without the box constraint
+    python benchmarks/robustness_batch_bench.py --device cuda   # the solves on a GPU (the network is trained
+                                                                # on the CPU, then moved)
 
-Runs with one intra-op thread (``torch.set_num_threads(1)``).
+Runs with one intra-op thread (``torch.set_num_threads(1)``); on a GPU the times are taken after
+``torch.cuda.synchronize``.
 """
 from __future__ import annotations
 
@@ -93,17 +96,25 @@ def constraints(net, x_adv: torch.Tensor, label: torch.Tensor, box: bool) -> lis
     return rows + [co.ineq(lambda: box_rows(x_adv), name="box")] if box else rows
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously; nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def solve_batched(net, X: torch.Tensor, y: torch.Tensor, box: bool = True, **options) -> dict:
-    """All images as one BatchedSQP batch. Returns radii, statuses, x' and the time."""
+    """All images as one BatchedSQP batch. Returns radii (on the CPU), statuses, x' and the time."""
     x_adv = X.clone().requires_grad_(True)
     opt = co.BatchedSQP([x_adv], constraints(net, x_adv, y, box), **options)
+    _synchronize(X.device)
     start = time.perf_counter()
     for _ in range(MAX_ITER + 1):          # the first step only evaluates and certifies the start
         opt.step(lambda: 0.5 * (x_adv - X).pow(2).sum(-1))
         if bool(opt.finished.all()):
             break
+    _synchronize(X.device)
     seconds = time.perf_counter() - start
-    return {"radius": (x_adv.detach() - X).norm(dim=-1), "status": opt.status, "x": x_adv.detach(),
+    return {"radius": (x_adv.detach() - X).norm(dim=-1).cpu(), "status": opt.status, "x": x_adv.detach(),
             "seconds": seconds, "iterations": opt.iterations.clone(), "nfev": opt.nfev}
 
 
@@ -119,8 +130,10 @@ def solve_single(net, x: torch.Tensor, label: torch.Tensor, box: bool, batched: 
 
 
 def one_at_a_time(net, X, y, box: bool, batched: bool) -> dict:
+    _synchronize(X.device)
     start = time.perf_counter()
     runs = [solve_single(net, X[i], y[i], box, batched) for i in range(len(y))]
+    _synchronize(X.device)
     seconds = time.perf_counter() - start
     return {"radius": torch.tensor([r for r, _ in runs], dtype=torch.float64), "status": [s for _, s in runs],
             "seconds": seconds}
@@ -145,18 +158,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="16 images instead of 256")
     parser.add_argument("--b1", action="store_true", help="also solve each image with BatchedSQP, B = 1")
     parser.add_argument("--no-box", dest="box", action="store_false", help="drop the box constraint")
+    parser.add_argument("--device", default="cpu", help="where the problems are solved (default cpu; e.g. cuda)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     count = 16 if args.quick else 256
     data = train()
-    net = data["net"]
+    net = data["net"].to(device)
     with torch.no_grad():
-        right = (net(data["X"]).argmax(1) == data["y"]).nonzero().reshape(-1)[:count]
-    X, y = data["X"][right], data["y"][right]
+        right = (net(data["X"].to(device)).argmax(1).cpu() == data["y"]).nonzero().reshape(-1)[:count]
+    X, y = data["X"][right].to(device), data["y"][right].to(device)
     print(f"command: python {' '.join(shlex.quote(a) for a in [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))}")
     print(f"MLP 64-32-10 tanh, trained {data['seconds']:.1f} s, test accuracy {data['accuracy']:.3f}; "
           f"{len(y)} correctly classified test images; box {'as 128 rows' if args.box else 'dropped'}; "
-          f"torch {torch.__version__}, 1 thread, float64")
+          f"torch {torch.__version__}, 1 thread, float64, device {device}")
 
     batch = solve_batched(net, X, y, args.box)
     rows = [summarize(f"BatchedSQP, B = {len(y)}", batch, None)]
@@ -185,7 +200,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         wrong = margin(net, batch["x"], y) <= 1e-8
     in_box = ((batch["x"] >= -1e-8) & (batch["x"] <= 1 + 1e-8)).all(-1) | (not args.box)
-    valid = bool((wrong & in_box)[certified].all())
+    valid = bool((wrong & in_box).cpu()[certified].all())
     its = batch["iterations"].double()
     print(f"\nbatch: {batch['nfev']} closure calls, iterations per image median {its.median():.0f}, max "
           f"{its.max():.0f}; every certified batch answer misclassified{' and in the box' if args.box else ''}: "

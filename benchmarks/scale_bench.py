@@ -35,6 +35,10 @@ Usage:
     python benchmarks/scale_bench.py                        # n = 1e4, 1e5, 1e6; m = 1, 16, 64; memory 10
     python benchmarks/scale_bench.py --quick                # n = 1e4, 1e5; m = 1, 16
     python benchmarks/scale_bench.py --n 1000000 --m 64 --memory 20 --dtype float32
+    python benchmarks/scale_bench.py --device cuda          # data and parameters on a GPU
+
+On a GPU every timing starts and ends with ``torch.cuda.synchronize`` (the work is queued asynchronously) and
+the status column adds the device's peak allocated memory (``torch.cuda.max_memory_allocated``).
 """
 from __future__ import annotations
 
@@ -59,8 +63,15 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
 
 
-def build(n_target: int, m: int, samples: int, dtype: torch.dtype, seed: int = 0):
-    """The network, data and constraints; returns (x, loss function, constraints)."""
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously; nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(n_target: int, m: int, samples: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    """The network, data and constraints (drawn on the CPU, then moved to ``device``: the same problem on every
+    device); returns (x, loss function, constraints)."""
     import constrained_optim as co
 
     gen = torch.Generator().manual_seed(seed)
@@ -70,11 +81,12 @@ def build(n_target: int, m: int, samples: int, dtype: torch.dtype, seed: int = 0
     Z = torch.randn(samples, d, generator=gen, dtype=dtype)
     t = torch.sin(Z[:, 0]) + 0.1 * torch.randn(samples, generator=gen, dtype=dtype)
     x0 = torch.randn(n, generator=gen, dtype=dtype) / d ** 0.5
-    x = x0.clone().requires_grad_()
     G = torch.randn(m - 1, n, generator=gen, dtype=dtype)
     G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
     h = (G @ x0).detach() + 0.1 * torch.randn(m - 1, generator=gen, dtype=dtype)
     radius2 = 0.5 * float(x0.dot(x0))
+    Z, t, G, h = (v.to(device) for v in (Z, t, G, h))
+    x = x0.to(device).requires_grad_()
 
     def loss_fn():
         W1 = x[:hidden * d].view(hidden, d)
@@ -89,11 +101,13 @@ def build(n_target: int, m: int, samples: int, dtype: torch.dtype, seed: int = 0
     return x, loss_fn, constraints
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         t0 = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -105,17 +119,20 @@ def run_case(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    x, loss_fn, constraints = build(args.n, args.m, args.samples, dtype)
+    device = torch.device(args.device)
+    x, loss_fn, constraints = build(args.n, args.m, args.samples, dtype, device=device)
     rss_data = _rss_mib()
     opt = co.ConstrainedSQP([x], constraints, memory=args.memory)
 
     inside = [0.0]          # seconds spent in the closure
 
     def closure():
+        _synchronize(device)
         start = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
+        _synchronize(device)
         inside[0] += time.perf_counter() - start
         return loss
 
@@ -127,7 +144,8 @@ def run_case(args) -> dict:
 
     def floor_parts():
         floor()
-        return _median_time(closure, 3), _median_time(lambda: evaluate(canon, flat).structured_jacobian(), 3)
+        return (_median_time(closure, 3, device),
+                _median_time(lambda: evaluate(canon, flat).structured_jacobian(), 3, device))
 
     loss_time, jacobian_time = floor_parts()
     rss_floor = _rss_mib()
@@ -137,9 +155,11 @@ def run_case(args) -> dict:
         opt.step(closure)
     floors, times, evals, own = [], [], [], []
     for _ in range(args.iters):                         # the floor timed right before each timed iteration
-        floors.append(_median_time(floor, args.repeats))
+        floors.append(_median_time(floor, args.repeats, device))
+        _synchronize(device)
         nfev, t0, inside[0] = opt.nfev, time.perf_counter(), 0.0
         opt.step(closure)
+        _synchronize(device)
         times.append(time.perf_counter() - t0)
         own.append(times[-1] - inside[0])
         evals.append(opt.nfev - nfev)
@@ -150,14 +170,15 @@ def run_case(args) -> dict:
             "ratio_it": sum(times) / sum(floors), "ratio_eval": sum(times) / sum(e * f for e, f in zip(evals, floors)),
             "own": statistics.mean(own),
             "rss_data": rss_data, "rss_floor": rss_floor, "rss_peak": _rss_mib(),
-            "status": opt.certificate.status.name, "iteration": opt.certificate.iteration}
+            "status": opt.certificate.status.name, "iteration": opt.certificate.iteration,
+            "device_peak": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
 
 
 def _child(args, n: int, m: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", "--n", str(n), "--m", str(m),
            "--memory", str(args.memory), "--dtype", args.dtype, "--samples", str(args.samples),
            "--iters", str(args.iters), "--skip", str(args.skip), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"n": n, "m": m, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
@@ -175,6 +196,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10, help="untimed iterations after the start (10)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of each floor timing (1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--device", default="cpu", help="where data and parameters live (default cpu; e.g. cuda)")
     parser.add_argument("--quick", action="store_true", help="n = 1e4, 1e5 and m = 1, 16 only")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,8 +205,8 @@ def main() -> None:
         return
     ns = args.n or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     ms = args.m or ([1, 16] if args.quick else [1, 16, 64])
-    print(f"ConstrainedSQP(memory={args.memory}), {args.dtype}, {args.threads} thread(s), network fit to "
-          f"N={args.samples} samples; times in seconds, memory in MiB (peak RSS of the case's process)")
+    print(f"ConstrainedSQP(memory={args.memory}), {args.dtype}, device {args.device}, {args.threads} thread(s), "
+          f"network fit to N={args.samples} samples; times in seconds, memory in MiB (peak RSS of the case's process)")
     header = (f"{'n':>9} {'m':>3} | {'floor':>7} {'(loss':>7} {'+ jac)':>7} | {'SQP it':>7} {'evals':>5} "
               f"{'ratio/it':>8} {'ratio/ev':>8} {'own/it':>7} | {'RSS data':>8} {'floor':>7} {'peak':>7} | status")
     print(header)
@@ -198,7 +220,8 @@ def main() -> None:
             print(f"{r['n']:>9} {r['m']:>3} | {r['floor']:7.4f} {r['loss']:7.4f} {r['jacobian']:7.4f} | "
                   f"{r['iter']:7.4f} {r['evals']:5.2f} {r['ratio_it']:8.2f} {r['ratio_eval']:8.2f} {r['own']:7.4f} | "
                   f"{r['rss_data']:8.0f} {r['rss_floor']:7.0f} {r['rss_peak']:7.0f} | "
-                  f"{r['status'].lower()} ({r['iters']} timed, it {r['iteration']})", flush=True)
+                  f"{r['status'].lower()} ({r['iters']} timed, it {r['iteration']})"
+                  + (f", device peak {r['device_peak']:.0f} MiB" if r["device_peak"] is not None else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """BatchedSQP: B independent problems with known answers, each with its own status and certificate."""
-import importlib.util
 import math
 import os
 
@@ -436,13 +435,9 @@ def test_bad_constraints_and_parameters_are_rejected_with_clear_errors():
 
 # ------------------------------------------------------------------------------------------- benchmark
 def test_robustness_benchmark_quick_mode_agrees_with_one_at_a_time():
+    from test_benchmarks import load_benchmark
     pytest.importorskip("sklearn")
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "robustness_batch_bench.py")
-    spec = importlib.util.spec_from_file_location("_robustness_batch_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    outcome = bench.main(["--quick"])
+    outcome = load_benchmark("robustness_batch_bench").main(["--quick"])
     assert outcome["valid"] and outcome["agree"]
     batch, single = outcome["rows"][:2]
     assert batch["converged"] >= batch["count"] - 1 and single["converged"] >= single["count"] - 1

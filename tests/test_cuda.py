@@ -64,3 +64,16 @@ def test_solve_qp_on_cuda_matches_cpu():
     cuda = solve_qp(*(t.to(CUDA) for t in (Q, p, G, h, A, b)))
     assert cuda.z.device.type == "cuda" and bool(cuda.solved.all()) and bool(cpu.solved.all())
     assert torch.allclose(cuda.z.cpu(), cpu.z, atol=1e-8)
+
+
+def test_scale_benchmark_case_on_cuda_reports_device_memory():
+    from test_benchmarks import scale_case
+    r = scale_case("cuda", iters=2)
+    assert r["device_peak"] > 0 and r["ratio_eval"] > 1
+
+
+def test_robustness_benchmark_quick_mode_on_cuda_agrees_with_one_at_a_time():
+    from test_benchmarks import load_benchmark
+    pytest.importorskip("sklearn")
+    outcome = load_benchmark("robustness_batch_bench").main(["--quick", "--device", "cuda"])
+    assert outcome["valid"] and outcome["agree"]
